@@ -1,0 +1,297 @@
+"""Atomic, resumable checkpoints whose classifier part does not depend on the number of ranks.
+
+Layout of ``<output_dir>/checkpoints/step_00001234/``::
+
+    engine/backbone/...        DeepSpeed save_checkpoint of the backbone engine (ZeRO partitions included)
+    classifier/rows_<start>_<end>.pt   each shard's rows + optimizer state, keyed by global row id
+    trainer/rank_<r>.pt        per-rank RNG states
+    trainer/state.pt           step, sampler position, hook states, LR-schedule state, eval history
+    meta.json                  format version, world size, N, D, model: written last
+
+A checkpoint is written into ``.tmp-step_...``, fsynced, renamed, and only then named in ``latest``
+(itself replaced atomically), so an interrupted write is never loaded and never harms the previous
+checkpoint. Loading re-shards classifier rows by global id, so P ranks can resume P' ranks' work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ifc_ds.classifier import shard_range
+from ifc_ds.config import Config, config_to_dict
+from ifc_ds.dist import is_main, rank, world_size
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+# config keys that change what a checkpoint means: a resume with other values is refused
+STRUCTURAL_KEYS = ("model.name", "model.small_images", "model.head_hidden", "model.dim", "model.kwargs")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used for this run; the message names the mismatch."""
+
+
+def _barrier():
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and key != "kwargs":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# --------------------------------------------------------------------------- classifier optimizer state
+def _classifier_opt_views(engine):
+    """Named views ``[n, D]`` of the classifier engine's fp32 weight copy and optimizer state,
+    wherever ZeRO keeps them (the module's param for stage 0; the flat, possibly CPU-offloaded,
+    partition for stages 1/2; the engine's data-parallel world is 1, so the partition is the whole
+    parameter)."""
+    weight = engine.module.weight
+    shape, numel = weight.shape, weight.numel()
+    zero = getattr(engine.optimizer, "single_partition_of_fp32_groups", None)
+    if zero is not None:
+        master = zero[0]
+        inner = engine.optimizer.optimizer
+        state = inner.state.get(master, {})
+        views = {"master": master[:numel].view(shape)}
+    else:
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        state = inner.state.get(weight, {})
+        views = {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.numel() >= numel and value.dim() >= 1:
+            views[f"state.{key}"] = value.view(-1)[:numel].view(shape)
+        elif torch.is_tensor(value) or isinstance(value, (int, float)):
+            views[f"scalar.{key}"] = value
+    return views, inner, (master if zero is not None else weight)
+
+
+def save_classifier_rows(engine, folder: Path) -> None:
+    clf = engine.module
+    views, _, _ = _classifier_opt_views(engine)
+    payload = {"row_start": clf.row_start, "row_end": clf.row_end, "num_instances": clf.num_instances,
+               "dim": clf.dim, "weight": clf.weight.detach().cpu().clone(),
+               "tensors": {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in views.items()
+                           if k != "master"}}
+    torch.save(payload, folder / f"rows_{clf.row_start:012d}_{clf.row_end:012d}.pt")
+
+
+def load_classifier_rows(engine, folder: Path) -> None:
+    """Fills this rank's rows (and their optimizer state) from whichever saved shards overlap them."""
+    clf = engine.module
+    start, end = clf.row_start, clf.row_end
+    files = sorted(folder.glob("rows_*.pt"))
+    covered = 0
+    weight = torch.empty(end - start, clf.dim)
+    tensors: dict = {}
+    for path in files:
+        s, e = (int(x) for x in path.stem.split("_")[1:3])
+        if e <= start or s >= end:
+            continue
+        part = torch.load(path, map_location="cpu", weights_only=False)
+        if part["num_instances"] != clf.num_instances or part["dim"] != clf.dim:
+            raise CheckpointError(f"classifier shape mismatch: checkpoint N={part['num_instances']} D={part['dim']}, "
+                                  f"run N={clf.num_instances} D={clf.dim}")
+        lo, hi = max(s, start), min(e, end)
+        weight[lo - start:hi - start] = part["weight"][lo - s:hi - s]
+        for key, value in part["tensors"].items():
+            if key.startswith("state."):
+                tensors.setdefault(key, torch.zeros(end - start, clf.dim, dtype=value.dtype))
+                tensors[key][lo - start:hi - start] = value[lo - s:hi - s]
+            else:
+                tensors[key] = value
+        covered += hi - lo
+    if covered != end - start:
+        raise CheckpointError(f"classifier rows [{start}, {end}) only {covered} found in {folder}")
+    views, inner, key_param = _classifier_opt_views(engine)
+    with torch.no_grad():
+        clf.weight.copy_(weight.to(clf.weight.device, clf.weight.dtype))
+        if "master" in views:
+            views["master"].copy_(weight.to(views["master"].device))
+        if not any(k.startswith("state.") for k in views) and any(k.startswith("state.") for k in tensors):
+            # the optimizer has not stepped yet in this process: create its state in place
+            state = inner.state.setdefault(key_param, {})
+            for key, value in tensors.items():
+                name = key.split(".", 1)[1]
+                if key.startswith("state."):
+                    flat = torch.zeros_like(key_param)
+                    flat.view(-1)[:value.numel()].copy_(value.view(-1).to(flat.device))
+                    state[name] = flat
+                else:
+                    state[name] = value
+            return
+        for key, view in views.items():
+            if key.startswith("state.") and key in tensors:
+                view.copy_(tensors[key].to(view.device, view.dtype))
+
+
+# --------------------------------------------------------------------------- RNG
+def rng_state() -> dict:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if acc.device_name() != "cpu":
+        state["accelerator"] = acc.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "accelerator" in state and get_accelerator().device_name() != "cpu":
+        get_accelerator().set_rng_state(state["accelerator"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- save / find / load
+def checkpoint_root(output_dir: str) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def save_checkpoint(output_dir: str, step: int, engines, trainer_state: dict, cfg: Config, keep_last: int) -> Path:
+    """Collective. Writes a complete checkpoint atomically; returns its final path."""
+    root = checkpoint_root(output_dir)
+    name = f"step_{step:08d}"
+    tmp, final = root / f".tmp-{name}", root / name
+    if is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "classifier").mkdir(parents=True)
+        (tmp / "trainer").mkdir(parents=True)
+    _barrier()
+    engines.backbone.save_checkpoint(str(tmp / "engine"), tag="backbone", save_latest=False)
+    save_classifier_rows(engines.classifier, tmp / "classifier")
+    torch.save(rng_state(), tmp / "trainer" / f"rank_{rank()}.pt")
+    if is_main():
+        torch.save(trainer_state, tmp / "trainer" / "state.pt")
+    _barrier()
+    if is_main():
+        meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size(),
+                "num_instances": engines.classifier.module.num_instances, "dim": engines.classifier.module.dim,
+                "config": config_to_dict(cfg)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = root / "latest.tmp"
+        pointer.write_text(name)
+        with open(pointer) as f:
+            os.fsync(f.fileno())
+        os.replace(pointer, root / "latest")
+        _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _complete(path: Path) -> bool:
+    return path.is_dir() and not path.name.startswith(".") and (path / "meta.json").is_file()
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    done = sorted(p for p in root.glob("step_*") if _complete(p))
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def find_checkpoint(output_dir: str, resume: str) -> Path | None:
+    """``none`` -> None; ``auto`` -> the newest complete checkpoint (or None); else the given path,
+    which must be complete."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if _complete(path / "checkpoints") or (path / "checkpoints").is_dir():
+            return find_checkpoint(str(path), "auto")
+        if not _complete(path):
+            raise CheckpointError(f"resume={resume}: not a complete checkpoint (no meta.json)")
+        return path
+    root = checkpoint_root(output_dir)
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if _complete(named):
+            return named
+    done = sorted(p for p in root.glob("step_*") if _complete(p))
+    return done[-1] if done else None
+
+
+def check_compatible(meta: dict, cfg: Config, num_instances: int) -> list[str]:
+    """Raises CheckpointError on a structural mismatch; returns the compatible changes (for the log)."""
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint format {meta.get('format_version')} != supported {FORMAT_VERSION}")
+    if meta["num_instances"] != num_instances:
+        raise CheckpointError(f"checkpoint has N={meta['num_instances']} instances, this run's data has "
+                              f"{num_instances} (data.train / data.limit changed?)")
+    old, new = _flatten(meta["config"]), _flatten(config_to_dict(cfg))
+    for key in STRUCTURAL_KEYS:
+        if old.get(key) != new.get(key):
+            raise CheckpointError(f"checkpoint was trained with {key}={old.get(key)!r}, this run has {new.get(key)!r}")
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)
+            and k not in ("resume",)]
+
+
+def load_checkpoint(path: Path, engines, cfg: Config, num_instances: int) -> dict:
+    """Collective. Restores both engines and the RNGs (same world size); returns the trainer state."""
+    meta = json.loads((path / "meta.json").read_text())
+    changes = check_compatible(meta, cfg, num_instances)
+    if changes and is_main():
+        log.info("resuming %s with config changes: %s", path, "; ".join(changes))
+    same_world = meta["world_size"] == world_size()
+    engines.backbone.load_checkpoint(str(path / "engine"), tag="backbone", load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    load_classifier_rows(engines.classifier, path / "classifier")
+    state = torch.load(path / "trainer" / "state.pt", map_location="cpu", weights_only=False)
+    engines.classifier.lr_scheduler.load_state_dict(state["classifier_lr_scheduler"])
+    rng_file = path / "trainer" / f"rank_{rank()}.pt"
+    if same_world and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    else:  # elastic resume: per-rank streams cannot carry over; derive fresh ones from the step
+        seed_everything(cfg.seed + 7919 * state["step"] + rank())
+        if is_main():
+            log.info("elastic resume: %d -> %d ranks; classifier rows re-sharded by global id",
+                     meta["world_size"], world_size())
+    _barrier()
+    return state
+
+
+def shard_ranges(num_instances: int, world: int) -> list[tuple[int, int]]:
+    return [shard_range(num_instances, world, r) for r in range(world)]

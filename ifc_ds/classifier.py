@@ -1,0 +1,452 @@
+"""Row-sharded instance classifier with an exact distributed softmax cross-entropy.
+
+Every training image ``i`` (``0 <= i < N``) is its own class.  The ``[N, D]`` weight is split by
+rows over the ranks of a process group; each rank scores the *all-gathered* features of the global
+batch against its own rows only, and the softmax normaliser, the positive logit and the top-K hard
+negatives are combined with small collectives (``[B]`` and ``[B, K]`` tensors).  The full
+``[B, N]`` logits matrix never exists on one rank.
+
+No library ships this layer (Megatron's vocab-parallel cross-entropy assumes replicated inputs and
+no cosine normalisation; Partial FC samples classes), so it is written by hand here, and nothing
+else in ``ifc_ds`` does numerics by hand.
+
+Example::
+
+    clf = ShardedInstanceClassifier(num_instances=1_000_000, dim=128, temperature=0.1)
+    loss = clf(features, instance_ids, smoothing_k=5, smoothing_eps=0.1)   # same on every rank
+    loss.backward()   # features.grad = world_size x reference; clf.weight.grad = own rows
+
+Numerics (all fp32, whatever the autocast dtype):
+  ``z[b, i] = <f_b / |f_b|, w_i / |w_i|> / T`` for the gathered batch ``b`` and owned rows ``i``.
+  Targets ``1 - eps`` on the own id and ``eps / K`` on the K highest-logit *other* ids (chosen
+  globally, constants for autograd). ``loss = mean_b [logsumexp_i z[b, i] - sum_i t[b, i] z[b, i]]``.
+  Because the logits are cosines, ``|z| <= 1/T``; for ``1/T <= 40`` the exponentials cannot
+  overflow fp32 even summed over 4e9 classes, so no row maximum is needed (one pass and one
+  collective saved). Smaller temperatures use the classic running row maximum.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+# exp(1/T) * N must stay below fp32's max (3.4e38): 1/T <= 40 leaves room for N up to ~1e20.
+_MAX_UNSHIFTED_INV_TEMPERATURE = 40.0
+# Logits are produced in base-2 units (z * log2 e) so the exponential is exp2, twice as fast as exp
+# on CPU; only [B]- and [k, B]-sized results are converted back.
+_LOG2E = math.log2(math.e)
+
+
+def shard_range(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` owned by ``rank`` when ``num_rows`` are split as evenly as possible."""
+    base, extra = divmod(num_rows, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+# --------------------------------------------------------------------------- process-group helpers
+def _world(group) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _all_reduce(tensor: torch.Tensor, op, group, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def _all_gather_equal(tensor: torch.Tensor, group, world_size: int) -> torch.Tensor:
+    """Gathers equally shaped tensors: ``[*S]`` -> ``[world_size, *S]``."""
+    if world_size == 1:
+        return tensor.unsqueeze(0)
+    parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+def _all_gather_rows(tensor: torch.Tensor, sizes: list[int], group, world_size: int) -> torch.Tensor:
+    """Concatenates ``[sizes[r], *S]`` tensors from every rank in rank order (uneven sizes)."""
+    if world_size == 1:
+        return tensor
+    longest = max(sizes)
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = _all_gather_equal(padded, group, world_size)
+    return torch.cat([gathered[r, : sizes[r]] for r in range(world_size)])
+
+
+@dataclass
+class _BatchLayout:
+    """Who sent which rows of the gathered batch; exchanged once per step (the one host sync)."""
+
+    sizes: list[int]
+    rank: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    def own_slice(self) -> slice:
+        start = sum(self.sizes[: self.rank])
+        return slice(start, start + self.sizes[self.rank])
+
+
+def _exchange_layout(batch: int, dim: int, bad_ids: torch.Tensor, expected_dim: int, group,
+                     world_size: int, rank: int, device) -> _BatchLayout:
+    """All-gathers ``(B_local, D_local, any bad id)`` so every rank raises the same error together
+    instead of one rank raising while the others wait in a collective."""
+    info = torch.stack([torch.tensor(batch, device=device), torch.tensor(dim, device=device),
+                        bad_ids.to(device=device, dtype=torch.int64)])
+    table = _all_gather_equal(info, group, world_size).tolist()
+    for r, (_, d, bad) in enumerate(table):
+        if d != expected_dim:
+            raise ValueError(f"features on rank {r} have dim {d}, the classifier expects {expected_dim}")
+        if bad:
+            raise ValueError(f"instance_ids on rank {r} are outside [0, num_instances)")
+    return _BatchLayout(sizes=[row[0] for row in table], rank=rank)
+
+
+class _GatherFeatures(torch.autograd.Function):
+    """All-gathers ``[B_local, D]`` -> ``[B_global, D]``.
+
+    Backward: every rank holds only its shard's part of d(loss)/d(gathered features), so the parts are
+    summed over the group and each rank keeps its own rows, times the world size: DeepSpeed then
+    *averages* backbone gradients over ranks, which yields exactly the global-batch gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, features, layout: _BatchLayout, group, world_size: int):
+        ctx.layout, ctx.group, ctx.world_size = layout, group, world_size
+        return _all_gather_rows(features, layout.sizes, group, world_size)
+
+    @staticmethod
+    def backward(ctx, grad_all):
+        grad_all = _all_reduce(grad_all.contiguous(), dist.ReduceOp.SUM, ctx.group, ctx.world_size)
+        return grad_all[ctx.layout.own_slice()] * ctx.world_size, None, None, None
+
+
+# --------------------------------------------------------------------------- the sharded loss
+@dataclass
+class _LossSpec:
+    temperature: float
+    row_start: int
+    smoothing_k: int
+    smoothing_eps: float
+    search_k: int  # top-K other classes to find: K for smoothing, or 1 to measure accuracy
+    block: int  # classes scored per GEMM block
+    keep_logits: bool  # True: keep exp(logits) for backward; False: recompute block by block
+    group: object
+    world_size: int
+
+
+def _block_size(batch: int, chunk_size: int | None) -> int:
+    """Classes per block: ``chunk_size`` in memory-lean mode, otherwise ~2 MB of fp32 logits, so
+    each block's exp / sum / top-K run while the GEMM's output is still in cache."""
+    cache_block = max(256, (1 << 19) // max(batch, 1))
+    return min(chunk_size, cache_block) if chunk_size else cache_block
+
+
+def _blocks(num_rows: int, block: int):
+    for start in range(0, num_rows, block):
+        yield start, min(start + block, num_rows)
+
+
+def _merge_topk(best_vals, best_idx, vals, idx, k: int):
+    """Keeps the ``k`` largest of two candidate sets ``[k', B]`` (values, global ids)."""
+    vals, idx = torch.cat([best_vals, vals]), torch.cat([best_idx, idx])
+    vals, pos = torch.topk(vals, min(k, vals.shape[0]), dim=0, sorted=False)
+    return vals, torch.gather(idx, 0, pos)
+
+
+def _workspace_view(workspace: dict, name: str, shape: tuple[int, int], device) -> torch.Tensor:
+    """A ``shape`` view of a buffer kept across steps: a fresh ``[N/P, B]`` allocation every step
+    costs more in first-touch page faults than the GEMM writing it."""
+    numel = shape[0] * shape[1]
+    buf = workspace.get(name)
+    if buf is None or buf.numel() < numel or buf.device != device:
+        buf = workspace[name] = torch.empty(numel, device=device)
+    return buf[:numel].view(shape)
+
+
+class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
+    """Loss of the gathered batch against this rank's rows; see the module docstring.
+
+    forward(features_all [B, D] unit fp32, weight [n, D], ids_all [B], spec, workspace)
+        -> (loss [], instance accuracy [])
+
+    Logits are laid out class-major, ``[n, B]``, so a block of classes is a contiguous slab: one
+    GEMM writes it, and exp / sum / top-K consume it while it is hot in cache.
+    """
+
+    @staticmethod
+    def forward(ctx, features_all, weight, ids_all, spec: _LossSpec, workspace: dict):
+        batch, n_rows, device = features_all.shape[0], weight.shape[0], features_all.device
+        weight32 = weight.detach().float()
+        inv_norm = torch.linalg.vector_norm(weight32, dim=1).clamp_min(1e-12).reciprocal_()
+        col_scale = inv_norm / spec.temperature  # logit = <f, w_i> * col_scale_i
+        col_scale2 = col_scale * _LOG2E  # the same in base-2 units
+        features_t = features_all.T.contiguous()  # [D, B]
+        local_ids = ids_all - spec.row_start
+        owned = (local_ids >= 0) & (local_ids < n_rows)
+        local_ids = local_ids.clamp(0, n_rows - 1)
+        batch_idx = torch.arange(batch, device=device)
+
+        # the positive logit, summed over ranks (exactly one rank owns each id)
+        positive = (features_all * weight32[local_ids]).sum(1) * col_scale[local_ids]
+        positive = _all_reduce(torch.where(owned, positive, 0.0), dist.ReduceOp.SUM, spec.group, spec.world_size)
+
+        # only for tiny T: the global row maximum, so that exp() cannot overflow
+        shift = 1.0 / spec.temperature > _MAX_UNSHIFTED_INV_TEMPERATURE
+        row_max = torch.zeros(batch, device=device)
+        if shift:
+            row_max.fill_(-math.inf)
+            for c0, c1 in _blocks(n_rows, spec.block):
+                logits2 = torch.mm(weight32[c0:c1] * col_scale2[c0:c1, None], features_t)
+                row_max = torch.maximum(row_max, logits2.amax(0))
+            _all_reduce(row_max, dist.ReduceOp.MAX, spec.group, spec.world_size)  # base-2 units
+
+        kept = _workspace_view(workspace, "logits", (n_rows, batch), device) if spec.keep_logits else None
+        if kept is not None:
+            workspace["busy"] = True  # until backward has consumed it
+        k = spec.search_k
+        best_vals = features_all.new_empty((0, batch))
+        best_idx = ids_all.new_empty((0, batch))
+        sum_exp = torch.zeros(batch, device=device)
+        for c0, c1 in _blocks(n_rows, spec.block):
+            out = kept[c0:c1] if kept is not None else _workspace_view(workspace, "block", (c1 - c0, batch), device)
+            logits2 = torch.mm(weight32[c0:c1] * col_scale2[c0:c1, None], features_t, out=out)  # [c, B]
+            if k:
+                own = owned & (local_ids >= c0) & (local_ids < c1)
+                own_rows, own_cols = local_ids[own] - c0, batch_idx[own]
+                saved = logits2[own_rows, own_cols]
+                logits2[own_rows, own_cols] = -math.inf  # the positive is not a negative
+                vals, idx = torch.topk(logits2, min(k, c1 - c0), dim=0, sorted=False)
+                best_vals, best_idx = _merge_topk(best_vals, best_idx, vals, idx + (spec.row_start + c0), k)
+                logits2[own_rows, own_cols] = saved
+            if shift:
+                logits2.sub_(row_max)
+            sum_exp += logits2.exp2_().sum(0)
+        _all_reduce(sum_exp, dist.ReduceOp.SUM, spec.group, spec.world_size)
+        log_norm = sum_exp.log() + row_max / _LOG2E
+        best_vals = best_vals / _LOG2E
+
+        # global top-K negatives: every rank's candidates [P, k, B] merged to the best k
+        neg_vals = neg_ids = None
+        if k:
+            pad = k - best_vals.shape[0]  # a shard with fewer than k rows pads with -inf
+            best_vals = F.pad(best_vals, (0, 0, 0, pad), value=-math.inf)
+            best_idx = F.pad(best_idx, (0, 0, 0, pad), value=-1)
+            all_vals = _all_gather_equal(best_vals.T.contiguous(), spec.group, spec.world_size)  # [P, B, k]
+            all_idx = _all_gather_equal(best_idx.T.contiguous(), spec.group, spec.world_size)
+            all_vals = all_vals.permute(1, 0, 2).reshape(batch, -1)
+            all_idx = all_idx.permute(1, 0, 2).reshape(batch, -1)
+            neg_vals, pos = torch.topk(all_vals, k, dim=1)
+            neg_ids = torch.gather(all_idx, 1, pos)
+
+        eps, kk = spec.smoothing_eps, spec.smoothing_k
+        per_sample = log_norm - (1.0 - eps) * positive
+        if kk:
+            per_sample = per_sample - (eps / kk) * neg_vals[:, :kk].sum(1)
+        loss = per_sample.mean()
+        # instance accuracy: the own id beats the best other class (0 when nothing was searched)
+        accuracy = (positive > neg_vals[:, 0]).float().mean() if k else loss.new_zeros(())
+        ctx.mark_non_differentiable(accuracy)
+
+        ctx.spec, ctx.workspace, ctx.kept = spec, workspace, kept
+        ctx.save_for_backward(features_all, weight, ids_all, sum_exp, row_max, inv_norm,
+                              neg_ids[:, :kk] if kk else None)
+        return loss, accuracy
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_accuracy):
+        features_all, weight, ids_all, sum_exp, row_max, inv_norm, neg_ids = ctx.saved_tensors
+        spec, kept = ctx.spec, ctx.kept
+        batch, n_rows, device = features_all.shape[0], weight.shape[0], features_all.device
+        weight32 = weight.detach().float()
+        col_scale2 = inv_norm * (_LOG2E / spec.temperature)
+        shift = 1.0 / spec.temperature > _MAX_UNSHIFTED_INV_TEMPERATURE
+        features_t = features_all.T.contiguous()
+
+        # d loss / d logit[i, b] = (softmax - target) * grad / B. The softmax is exp[i, b] * row_scale[b]:
+        # the row scale goes onto the small [B, D] operands instead of a pass over the logits, and the
+        # sparse targets are applied to the few rows they touch after the dense block loop.
+        row_scale = (grad_loss / batch) / sum_exp
+        scaled_features = features_all * row_scale[:, None]
+        grad_features = torch.zeros_like(features_all)
+        grad_weight = torch.empty_like(weight32)
+        for c0, c1 in _blocks(n_rows, spec.block):
+            scaled_w2 = weight32[c0:c1] * col_scale2[c0:c1, None]
+            if kept is not None:
+                exp_logits = kept[c0:c1]
+            else:  # memory-lean mode: recompute this block
+                out = _workspace_view(ctx.workspace, "block", (c1 - c0, batch), device)
+                exp_logits = torch.mm(scaled_w2, features_t, out=out)
+                if shift:
+                    exp_logits.sub_(row_max)
+                exp_logits.exp2_()
+            grad_features.addmm_(exp_logits.T, scaled_w2)  # base-2 scale, undone below
+            torch.mm(exp_logits, scaled_features, out=grad_weight[c0:c1])
+            _through_weight_norm(grad_weight[c0:c1], weight32[c0:c1], inv_norm[c0:c1], spec.temperature)
+        grad_features.mul_((row_scale / _LOG2E)[:, None])
+        if kept is not None:  # release the kept buffer for the next step
+            ctx.kept, ctx.workspace["busy"] = None, False
+
+        rows, cols, values = _sparse_targets(ids_all, neg_ids, spec, n_rows, grad_loss / batch)
+        scaled_rows = weight32[cols] * (inv_norm[cols] / spec.temperature)[:, None]
+        grad_features.index_add_(0, rows, scaled_rows * -values[:, None])
+        target_grad = features_all[rows] * -values[:, None]
+        _through_weight_norm(target_grad, weight32[cols], inv_norm[cols], spec.temperature)
+        grad_weight.index_add_(0, cols, target_grad)
+        return grad_features, grad_weight.to(weight.dtype), None, None, None
+
+
+def _through_weight_norm(grad: torch.Tensor, weight: torch.Tensor, inv_norm: torch.Tensor, temperature: float):
+    """In place: d loss / d (w / (|w| T)) -> d loss / d w, i.e. ``(g - u <u, g>) / (|w| T)`` with
+    ``u = w / |w|``, row by row (``grad``, ``weight`` [c, D], ``inv_norm`` [c])."""
+    radial = torch.linalg.vecdot(grad, weight) * inv_norm.square()
+    grad.sub_(weight * radial[:, None]).mul_((inv_norm / temperature)[:, None])
+
+
+def _sparse_targets(ids_all, neg_ids, spec: _LossSpec, n_rows: int, scale):
+    """Non-zero targets that fall in this shard as (batch row, local class, target * scale)."""
+    batch = ids_all.shape[0]
+    rows = torch.arange(batch, device=ids_all.device)
+    eps, kk = spec.smoothing_eps, spec.smoothing_k
+    rows_list, cols_list = [rows], [ids_all - spec.row_start]
+    vals_list = [torch.full((batch,), 1.0 - eps, device=ids_all.device)]
+    if neg_ids is not None:
+        rows_list.append(rows.repeat_interleave(kk))
+        cols_list.append(neg_ids.reshape(-1) - spec.row_start)
+        vals_list.append(torch.full((batch * kk,), eps / kk, device=ids_all.device))
+    rows, cols, vals = torch.cat(rows_list), torch.cat(cols_list), torch.cat(vals_list) * scale
+    mine = (cols >= 0) & (cols < n_rows)
+    return rows[mine], cols[mine], vals[mine]
+
+
+# --------------------------------------------------------------------------- the module
+class ShardedInstanceClassifier(nn.Module):
+    """Cosine-softmax classifier over ``num_instances`` classes, rows sharded over ``group``.
+
+    Args:
+        num_instances: N, the number of classes (= training images).
+        dim: D, the feature dimension.
+        temperature: T of the cosine logits.
+        group: the process group the rows are sharded over (None: the default group; works without
+            any initialised group as world size 1).
+        chunk_size: None keeps this rank's ``[B_global, N/P]`` logits for backward; an int C scores
+            C classes at a time and recomputes them in backward (peak extra memory O(B_global C)).
+
+    Attributes:
+        row_start, row_end: this rank's global rows ``[row_start, row_end)``.
+        weight: ``[row_end - row_start, D]`` this rank's rows only.
+        last_accuracy: fraction of the global batch whose own id scored highest (a 0-dim tensor,
+            no host sync), set by forward when ``track_accuracy`` or smoothing is on.
+    """
+
+    def __init__(self, num_instances: int, dim: int, temperature: float = 0.15, group=None,
+                 chunk_size: int | None = None):
+        super().__init__()
+        world_size, rank = _world(group)
+        if num_instances < world_size:
+            raise ValueError(f"num_instances={num_instances} is smaller than the world size {world_size}: "
+                             "every rank needs at least one classifier row")
+        if dim <= 0 or temperature <= 0:
+            raise ValueError(f"dim and temperature must be positive, got dim={dim}, temperature={temperature}")
+        if chunk_size is not None and chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+        self.num_instances, self.dim, self.temperature = num_instances, dim, float(temperature)
+        self.group, self.world_size, self.rank = group, world_size, rank
+        self.chunk_size = chunk_size
+        self.row_start, self.row_end = shard_range(num_instances, world_size, rank)
+        self.weight = nn.Parameter(torch.empty(self.row_end - self.row_start, dim))
+        self.track_accuracy = False
+        self.last_accuracy: torch.Tensor | None = None
+        self._workspace: dict = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random unit rows that depend only on global row ids, so the world size does not matter."""
+        with torch.no_grad():
+            self.weight.copy_(_rows_from_seed(self.row_start, self.row_end, self.dim))
+
+    def extra_repr(self) -> str:
+        return (f"num_instances={self.num_instances}, dim={self.dim}, temperature={self.temperature}, "
+                f"rows=[{self.row_start}, {self.row_end}), world_size={self.world_size}, "
+                f"chunk_size={self.chunk_size}")
+
+    def forward(self, features: torch.Tensor, instance_ids: torch.Tensor, smoothing_k: int = 0,
+                smoothing_eps: float = 0.0) -> torch.Tensor:
+        """features ``[B_local, D]`` (any float dtype), instance_ids ``[B_local]`` int64 global ids
+        -> loss, the mean over the global batch (identical on every rank). A collective."""
+        if features.dim() != 2 or instance_ids.shape != features.shape[:1]:
+            raise ValueError(f"expected features [B, D] and instance_ids [B], got {tuple(features.shape)} "
+                             f"and {tuple(instance_ids.shape)}")
+        if smoothing_k < 0 or not 0.0 <= smoothing_eps < 1.0:
+            raise ValueError(f"need smoothing_k >= 0 and 0 <= smoothing_eps < 1, got {smoothing_k}, {smoothing_eps}")
+        if smoothing_k > self.num_instances - 1:
+            raise ValueError(f"smoothing_k={smoothing_k} exceeds the {self.num_instances - 1} other classes")
+        instance_ids = instance_ids.to(device=features.device, dtype=torch.int64)
+        bad = ((instance_ids < 0) | (instance_ids >= self.num_instances)).any()
+        layout = _exchange_layout(features.shape[0], features.shape[1], bad, self.dim, self.group,
+                                  self.world_size, self.rank, features.device)
+
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            unit = F.normalize(features.float(), dim=1)
+            features_all = _GatherFeatures.apply(unit, layout, self.group, self.world_size)
+            ids_all = _all_gather_rows(instance_ids, layout.sizes, self.group, self.world_size)
+            smoothing = smoothing_k if smoothing_eps > 0 else 0
+            needs_backward = torch.is_grad_enabled() and (unit.requires_grad or self.weight.requires_grad)
+            spec = _LossSpec(
+                temperature=self.temperature, row_start=self.row_start, smoothing_k=smoothing,
+                smoothing_eps=smoothing_eps if smoothing else 0.0,
+                search_k=smoothing or (1 if self.track_accuracy else 0),
+                block=_block_size(layout.total, self.chunk_size),
+                keep_logits=self.chunk_size is None and needs_backward and not self._workspace.get("busy"),
+                group=self.group, world_size=self.world_size)
+            loss, accuracy = _ShardedSoftmaxCrossEntropy.apply(features_all, self.weight, ids_all, spec,
+                                                               self._workspace)
+        self.last_accuracy = accuracy if spec.search_k else None
+        return loss
+
+    @torch.no_grad()
+    def assign_rows(self, instance_ids: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """Collective: every rank passes ``[B_local]`` ids and ``[B_local, D]`` vectors (B_local may
+        be 0); each shard stores the L2-normalised vectors of the ids it owns (raw-feature
+        initialisation). Returns the ids of all ranks, ``[B_global]``."""
+        if vectors.dim() != 2 or instance_ids.shape != vectors.shape[:1]:
+            raise ValueError(f"expected ids [B] and vectors [B, D], got {tuple(instance_ids.shape)}, "
+                             f"{tuple(vectors.shape)}")
+        device = self.weight.device
+        instance_ids = instance_ids.to(device=device, dtype=torch.int64)
+        bad = ((instance_ids < 0) | (instance_ids >= self.num_instances)).any()
+        layout = _exchange_layout(vectors.shape[0], vectors.shape[1], bad, self.dim, self.group,
+                                  self.world_size, self.rank, device)
+        ids_all = _all_gather_rows(instance_ids, layout.sizes, self.group, self.world_size)
+        vecs_all = _all_gather_rows(F.normalize(vectors.to(device).float(), dim=1), layout.sizes,
+                                    self.group, self.world_size)
+        mine = (ids_all >= self.row_start) & (ids_all < self.row_end)
+        self.weight[ids_all[mine] - self.row_start] = vecs_all[mine].to(self.weight.dtype)
+        return ids_all
+
+    @torch.no_grad()
+    def full_weight(self) -> torch.Tensor:
+        """Collective: the assembled ``[N, D]`` weight on every rank (tests, small N only)."""
+        sizes = [shard_range(self.num_instances, self.world_size, r) for r in range(self.world_size)]
+        return _all_gather_rows(self.weight.detach(), [e - s for s, e in sizes], self.group, self.world_size)
+
+
+def _rows_from_seed(start: int, end: int, dim: int, seed: int = 0x1FC, block: int = 65536) -> torch.Tensor:
+    """Unit rows ``[end - start, D]``; blocks of ``block`` global rows share one generator seed."""
+    out = torch.empty(end - start, dim)
+    for b in range(start // block, -(-end // block)):
+        rows = torch.randn(block, dim, generator=torch.Generator().manual_seed(seed + b))
+        lo, hi = max(start, b * block), min(end, (b + 1) * block)
+        out[lo - start: hi - start] = rows[lo - b * block: hi - b * block]
+    return F.normalize(out, dim=1)

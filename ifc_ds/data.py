@@ -1,0 +1,349 @@
+"""Hugging Face ``datasets`` ingestion: dataset specs, stable instance ids, sampling, decoding.
+
+A dataset spec names the data the way users already do::
+
+    parquet:/data/train-*.parquet          imagefolder:/data/train       disk:/data/saved
+    arrow:/data/train.arrow                owner/name  (hub, offline cache only)
+    sklearn:digits                         (the embedded default: scikit-learn's digits, 32x32 RGB)
+
+followed by optional ``:key=value`` options: ``split``, ``image_column``, ``label_column``,
+``limit``, ``streaming`` (e.g. ``parquet:/x/train.parquet:image_column=img:limit=2000``).
+
+Instance id = row position in the (map-style) dataset after ``limit``: stable across runs, world
+sizes and shuffles. Streaming datasets get an ``instance_id`` column from their stream position.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+KINDS = ("parquet", "imagefolder", "disk", "arrow", "sklearn")
+OPTIONS = ("split", "image_column", "label_column", "limit", "streaming")
+
+
+class DatasetSpecError(ValueError):
+    """A dataset spec that cannot be loaded; the message names the spec."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    kind: str  # one of KINDS, or "hub"
+    path: str
+    split: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    limit: int | None = None
+    streaming: bool = False
+    text: str = ""
+
+    def error(self, message: str) -> DatasetSpecError:
+        return DatasetSpecError(f"dataset '{self.text}': {message}")
+
+
+def parse_spec(text: str) -> DatasetSpec:
+    """``"parquet:/x/*.parquet:split=train"`` -> DatasetSpec (see the module docstring)."""
+    if not text or not isinstance(text, str):
+        raise DatasetSpecError(f"dataset spec must be a non-empty string, got {text!r}")
+    head, _, rest = text.partition(":")
+    if head in KINDS:
+        kind, body = head, rest
+    elif "/" in head and not head.startswith(("/", ".")):
+        kind, body = "hub", text
+    else:
+        raise DatasetSpecError(f"dataset '{text}': unknown kind '{head}'; use one of {', '.join(KINDS)} "
+                               "or a hub name owner/name")
+    # options are the trailing ':key=value' segments; everything before them is the path
+    segments = body.split(":")
+    options: dict = {}
+    while len(segments) > 1 and "=" in segments[-1]:
+        for item in segments.pop().split(","):
+            key, _, value = item.partition("=")
+            if key not in OPTIONS:
+                raise DatasetSpecError(f"dataset '{text}': unknown option '{key}'; options: {', '.join(OPTIONS)}")
+            options[key] = value
+    path = ":".join(segments)
+    if not path:
+        raise DatasetSpecError(f"dataset '{text}': missing path")
+    try:
+        limit = int(options["limit"]) if "limit" in options else None
+    except ValueError:
+        raise DatasetSpecError(f"dataset '{text}': limit must be an integer") from None
+    return DatasetSpec(kind=kind, path=path, split=options.get("split"), image_column=options.get("image_column"),
+                       label_column=options.get("label_column"), limit=limit,
+                       streaming=options.get("streaming", "false").lower() in ("1", "true", "yes"), text=text)
+
+
+# --------------------------------------------------------------------------- loading
+def _embedded_digits():
+    """scikit-learn's 1,797 bundled 8x8 handwritten digits as 32x32 RGB PNGs with labels: a real
+    image dataset that needs neither network nor ../shared."""
+    import datasets
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = []
+    for img in digits.images:
+        pixels = (img / 16.0 * 255).astype(np.uint8)
+        pil = Image.fromarray(pixels, mode="L").resize((32, 32), Image.BILINEAR).convert("RGB")
+        buf = io.BytesIO()
+        pil.save(buf, format="PNG")
+        images.append({"bytes": buf.getvalue(), "path": None})
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
+    return datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+
+
+def _pick_split(spec: DatasetSpec, ds):
+    import datasets
+
+    if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        split = spec.split or ("train" if "train" in ds else next(iter(ds)))
+        if split not in ds:
+            raise spec.error(f"no split '{split}'; available: {', '.join(ds)}")
+        return ds[split]
+    return ds
+
+
+def _load_raw(spec: DatasetSpec):
+    import datasets
+
+    split = spec.split or "train"
+    stream = spec.streaming
+    if spec.kind == "sklearn":
+        if spec.path != "digits":
+            raise spec.error("the only embedded dataset is sklearn:digits")
+        ds = _embedded_digits()
+        return ds.to_iterable_dataset() if stream else ds
+    if spec.kind in ("parquet", "arrow"):
+        files = sorted(str(p) for p in Path("/").glob(spec.path.lstrip("/"))) if spec.path.startswith("/") \
+            else sorted(str(p) for p in Path(".").glob(spec.path))
+        if not files:
+            raise spec.error(f"no file matches '{spec.path}'")
+        return datasets.load_dataset(spec.kind, data_files={split: files}, split=split, streaming=stream)
+    if spec.kind == "imagefolder":
+        if not Path(spec.path).is_dir():
+            raise spec.error(f"folder '{spec.path}' does not exist")
+        return _pick_split(spec, datasets.load_dataset("imagefolder", data_dir=spec.path, streaming=stream))
+    if spec.kind == "disk":
+        if not Path(spec.path).exists():
+            raise spec.error(f"folder '{spec.path}' does not exist")
+        ds = _pick_split(spec, datasets.load_from_disk(spec.path))
+        return ds.to_iterable_dataset() if stream else ds
+    # hub: only what the local cache holds, so a missing dataset fails at once instead of hanging
+    try:
+        return datasets.load_dataset(spec.path, split=split, streaming=stream)
+    except Exception as exc:  # datasets raises several types for "not cached" / offline
+        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (offline mode: it must be in the local HF cache)" if offline else ""
+        raise spec.error(f"cannot load hub dataset{hint}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+
+
+def _find_columns(spec: DatasetSpec, features) -> tuple[str, str | None]:
+    import datasets
+
+    names = list(features or {})
+    image_col = spec.image_column
+    if image_col is None:
+        image_cols = [n for n in names if isinstance(features[n], datasets.Image)]
+        if not image_cols:
+            raise spec.error(f"no column of type Image; columns: {', '.join(names)} (pass :image_column=...)")
+        image_col = image_cols[0]
+    elif image_col not in names:
+        raise spec.error(f"missing image column '{image_col}'; columns: {', '.join(names)}")
+    label_col = spec.label_column
+    if label_col is None:
+        labels = [n for n in names if isinstance(features[n], datasets.ClassLabel)]
+        label_col = labels[0] if labels else ("label" if "label" in names else None)
+    elif label_col not in names:
+        raise spec.error(f"missing label column '{label_col}'; columns: {', '.join(names)}")
+    return image_col, label_col
+
+
+@dataclass
+class LoadedDataset:
+    """A map-style table (``table``) or a stream (``stream``), with its columns resolved."""
+
+    spec: DatasetSpec
+    image_column: str
+    label_column: str | None
+    table: object = None  # datasets.Dataset, images not decoded (decode=False)
+    stream: object = None  # datasets.IterableDataset with an instance_id column
+    num_instances: int = 0
+    num_classes: int | None = None
+
+    def labels(self) -> np.ndarray:
+        if self.label_column is None or self.table is None:
+            raise self.spec.error("has no label column (pass :label_column=...)")
+        return np.asarray(self.table[self.label_column], dtype=np.int64)
+
+
+def load_dataset(spec: str | DatasetSpec, limit: int | None = None, streaming: bool | None = None,
+                 num_instances: int | None = None) -> LoadedDataset:
+    """Loads a spec. ``limit`` (first rows) and ``streaming`` override the spec's own options."""
+    import datasets
+
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    spec = replace(spec, limit=limit if limit is not None else spec.limit,
+                   streaming=streaming if streaming is not None else spec.streaming)
+    ds = _load_raw(spec)
+    image_col, label_col = _find_columns(spec, ds.features)
+    ds = ds.cast_column(image_col, datasets.Image(decode=False))  # decode ourselves: bad files are skipped
+    num_classes = None
+    if label_col is not None and isinstance(ds.features[label_col], datasets.ClassLabel):
+        num_classes = ds.features[label_col].num_classes
+    if spec.streaming:
+        ds = ds.map(lambda row, idx: {"instance_id": idx}, with_indices=True)
+        n = num_instances or _stream_length(spec, ds)
+        if spec.limit is not None:
+            ds, n = ds.take(spec.limit), min(n, spec.limit)
+        return LoadedDataset(spec, image_col, label_col, stream=ds, num_instances=n, num_classes=num_classes)
+    if spec.limit is not None:
+        ds = ds.select(range(min(spec.limit, len(ds))))
+    if len(ds) == 0:
+        raise spec.error("is empty")
+    return LoadedDataset(spec, image_col, label_col, table=ds, num_instances=len(ds), num_classes=num_classes)
+
+
+def _stream_length(spec: DatasetSpec, ds) -> int:
+    splits = getattr(ds.info, "splits", None) or {}
+    split = splits.get(spec.split or "train") if hasattr(splits, "get") else None
+    if split is not None and split.num_examples:
+        return split.num_examples
+    if spec.limit is not None:
+        return spec.limit
+    raise spec.error("streaming dataset of unknown size: set data.num_instances (N) or :limit=")
+
+
+# --------------------------------------------------------------------------- decoding
+def decode_image(cell) -> Image.Image:
+    """An HF ``Image(decode=False)`` cell (``{"bytes", "path"}``) -> RGB PIL image; raises on bad data."""
+    if cell is None:
+        raise ValueError("empty image cell")
+    data, path = cell.get("bytes"), cell.get("path")
+    img = Image.open(io.BytesIO(data)) if data else Image.open(path)
+    img.load()  # force full decoding now: truncated files fail here, not inside a transform
+    return img.convert("RGB")
+
+
+class InstanceDataset(torch.utils.data.Dataset):
+    """Map-style view: index i -> ``(image tensor, instance id, replaced flag[, label])``.
+
+    An undecodable image is replaced by the next decodable row (whose own id is returned, so no
+    classifier row is trained on another image) and flagged, so the trainer can count it.
+    """
+
+    def __init__(self, loaded: LoadedDataset, transform, with_labels: bool = False, max_tries: int = 16):
+        if loaded.table is None:
+            raise ValueError("InstanceDataset needs a map-style dataset (streaming=False)")
+        self.table, self.column, self.transform = loaded.table, loaded.image_column, transform
+        self.label_column = loaded.label_column if with_labels else None
+        if with_labels and self.label_column is None:
+            raise loaded.spec.error("has no label column (pass :label_column=...)")
+        self.max_tries = max_tries
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int):
+        for attempt in range(self.max_tries):
+            row = (index + attempt) % len(self.table)
+            try:
+                image = decode_image(self.table[row][self.column])
+            except Exception as exc:  # PIL raises many types for corrupt data
+                log.debug("row %d undecodable: %s", row, exc)
+                continue
+            sample = (self.transform(image), row, attempt > 0)
+            return sample + (int(self.table[row][self.label_column]),) if self.label_column else sample
+        raise RuntimeError(f"{self.max_tries} consecutive undecodable images from row {index}")
+
+
+def collate(samples):
+    """-> dict(images [B, 3, H, W], ids [B] int64, replaced [] int64[, labels [B]])."""
+    out = {"images": torch.stack([s[0] for s in samples]),
+           "ids": torch.tensor([s[1] for s in samples], dtype=torch.int64),
+           "replaced": torch.tensor(sum(int(s[2]) for s in samples), dtype=torch.int64)}
+    if samples and len(samples[0]) > 3:
+        out["labels"] = torch.tensor([s[3] for s in samples], dtype=torch.int64)
+    return out
+
+
+# --------------------------------------------------------------------------- sampling
+def epoch_permutation(num_instances: int, seed: int, epoch: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_instances, generator=gen)
+
+
+def step_bounds(num_instances: int, global_batch: int, offset: int, min_per_step: int) -> list[tuple[int, int]]:
+    """Splits positions ``[offset, N)`` of an epoch into global batches of ``global_batch``; a tail
+    smaller than ``min_per_step`` joins the previous batch (batch norm needs >= 2 samples per rank)."""
+    bounds = [(s, min(s + global_batch, num_instances)) for s in range(offset, num_instances, global_batch)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_per_step:
+        bounds[-2:] = [(bounds[-2][0], bounds[-1][1])]
+    return bounds
+
+
+class InstanceBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's instance ids for each step: every id exactly once per epoch across ranks.
+
+    The epoch order is a seeded permutation; step s takes the next ``global_batch`` positions and
+    splits them over the ranks (rank sizes differ by at most one). The order depends on
+    (seed, epoch, global_batch) only, so ``offset`` (positions already consumed) is a resume point
+    that stays valid when the number of ranks changes.
+    """
+
+    def __init__(self, num_instances: int, global_batch: int, rank: int, world_size: int, seed: int = 0,
+                 shuffle: bool = True):
+        if num_instances < 2 * world_size:
+            raise ValueError(f"{num_instances} instances cannot be split over {world_size} ranks "
+                             "with at least 2 per rank")
+        self.num_instances, self.global_batch = num_instances, global_batch
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.epoch, self.offset = 0, 0
+
+    def set_position(self, epoch: int, offset: int = 0) -> None:
+        self.epoch, self.offset = epoch, offset
+
+    def bounds(self) -> list[tuple[int, int]]:
+        return step_bounds(self.num_instances, self.global_batch, self.offset, 2 * self.world_size)
+
+    def order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_instances)
+        return epoch_permutation(self.num_instances, self.seed, self.epoch)
+
+    def __len__(self) -> int:
+        return len(self.bounds())
+
+    def __iter__(self):
+        order = self.order()
+        for start, end in self.bounds():
+            yield np.array_split(order[start:end].numpy(), self.world_size)[self.rank].tolist()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "global_batch": self.global_batch,
+                "num_instances": self.num_instances}
+
+
+def default_num_workers(local_world_size: int) -> int:
+    """Spare cores per rank, at most 8; 0 (decode in the main process) when there are none."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(local_world_size, 1) - 1))
+
+
+def make_loader(dataset, batch_sampler=None, batch_size: int | None = None, num_workers: int = 0,
+                pin_memory: bool = False, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
+    return torch.utils.data.DataLoader(
+        dataset, **batching, num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate, generator=gen,
+        prefetch_factor=4 if num_workers else None)

@@ -1,0 +1,165 @@
+"""Process groups: launcher environment (DeepSpeed, torchrun, SLURM), init with timeouts, helpers."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def map_slurm_env(environ=os.environ) -> bool:
+    """Fills RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from SLURM's variables when a
+    job step was started by ``srun`` and no launcher set them (DeepSpeed has no SLURM discovery of its
+    own and would fall back to mpi4py). Values already set are never overridden. Returns True if
+    anything was filled in."""
+    if "SLURM_PROCID" not in environ or "SLURM_NTASKS" not in environ:
+        return False
+    if "SLURM_STEP_ID" not in environ and "SLURM_STEPID" not in environ:
+        return False  # the batch script itself, not an srun task
+    filled = {}
+    for key, value in (("RANK", environ["SLURM_PROCID"]), ("WORLD_SIZE", environ["SLURM_NTASKS"]),
+                       ("LOCAL_RANK", environ.get("SLURM_LOCALID", "0"))):
+        if key not in environ:
+            filled[key] = value
+    if "MASTER_ADDR" not in environ:
+        filled["MASTER_ADDR"] = _first_host(environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST", ""))
+    if "MASTER_PORT" not in environ:
+        # a port per job, so two jobs sharing a node do not collide
+        filled["MASTER_PORT"] = str(15000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)
+    environ.update(filled)
+    return bool(filled)
+
+
+def _first_host(nodelist: str) -> str:
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    # plain fallback for "node[01-04],other": the first name with its first index
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        return prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+    return head
+
+
+def init_distributed(timeout_s: float) -> None:
+    """Initialises torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU) with a collective
+    timeout, so a dead peer ends the run with an error instead of hanging it. A single process with
+    no launcher variables runs as world size 1 without a process group."""
+    import deepspeed
+
+    map_slurm_env()
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", world_size())))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(acc.device_name(int(os.environ.get("LOCAL_RANK", 0))))
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+class RankAloneMPU:
+    """The ``mpu`` DeepSpeed is given for the classifier engine.
+
+    DeepSpeed averages gradients over an engine's data-parallel group and broadcasts its parameters
+    from the group's first rank. The classifier rows differ on every rank (tensor parallel), so this
+    engine's data-parallel group is the rank alone: no averaging, no broadcast, while ZeRO still
+    manages (and can offload) the optimizer state. The model-parallel group is the whole world, so
+    gradient-norm clipping and checkpoint file names see the shards as one sharded parameter.
+    Every rank must create every single-rank group (``new_group`` is collective).
+    """
+
+    def __init__(self):
+        world, me = dist.get_world_size(), dist.get_rank()
+        groups = [dist.new_group([r]) for r in range(world)]
+        self._alone, self._rank, self._world = groups[me], me, world
+
+    def get_data_parallel_group(self):
+        return self._alone
+
+    def get_data_parallel_rank(self) -> int:
+        return 0
+
+    def get_data_parallel_world_size(self) -> int:
+        return 1
+
+    def get_data_parallel_group_ranks(self):
+        return [self._rank]
+
+    def get_model_parallel_group(self):
+        return dist.group.WORLD
+
+    def get_model_parallel_rank(self) -> int:
+        return self._rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self._world
+
+
+def gather_uneven(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenates ``[n_r, *S]`` tensors of every rank in rank order (n_r may differ per rank)."""
+    from ifc_ds.classifier import _all_gather_equal, _all_gather_rows, _world
+
+    world, _ = _world(group)
+    if world == 1:
+        return tensor
+    sizes = _all_gather_equal(torch.tensor(tensor.shape[0], device=tensor.device), group, world).tolist()
+    return _all_gather_rows(tensor, sizes, group, world)

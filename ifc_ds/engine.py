@@ -1,0 +1,177 @@
+"""DeepSpeed wiring: the data-parallel backbone engine, the classifier-shard engine, the LR schedule.
+
+Two engines, one training step::
+
+    features = backbone(images)                          # [B_local, D], data parallel
+    leaf = features.detach().requires_grad_()
+    loss = classifier(leaf, ids, k, eps)                 # sharded rows, same loss on every rank
+    classifier.backward(loss)                            # weight.grad (own rows) + leaf.grad
+    backbone.backward((features * leaf.grad).sum(), scale_wrt_gas=False)
+    classifier.step(); backbone.step()
+
+The surrogate ``(features * leaf.grad).sum()`` has exactly ``leaf.grad`` as its gradient w.r.t.
+``features``, so the backbone receives the true gradient while each engine keeps its own gradient
+reduction: the backbone's is averaged over all ranks (ZeRO 0/1/2 from the ds_config), the
+classifier's is never averaged because its engine's data-parallel group is the rank alone
+(``RankAloneMPU``). ZeRO still partitions/offloads the classifier's optimizer state: the ds_config's
+``offload_optimizer`` section applies to both engines.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+from torch import nn
+
+from ifc_ds.config import Config, ConfigError
+from ifc_ds.dist import RankAloneMPU
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def read_ds_config(path: str) -> dict:
+    """Reads a ds_config JSON (relative paths: the working directory, then the repository)."""
+    candidates = [Path(path), REPO_ROOT / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"train.ds_config {candidate}: invalid JSON: {exc}") from None
+    raise ConfigError(f"train.ds_config {path} does not exist")
+
+
+def backbone_ds_config(ds_config: dict, micro_batch: int, world_size: int) -> dict:
+    """Fills in the batch sizes; optimizer and schedule come from the ifc_ds config, not the JSON."""
+    cfg = copy.deepcopy(ds_config)
+    for key in ("optimizer", "scheduler"):
+        if key in cfg:
+            raise ConfigError(f"ds_config has a '{key}' section: ifc_ds sets the optimizer and LR schedule "
+                              "from train.* (two engines must share them); remove it")
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"ZeRO stage {stage} is not supported (use 0, 1 or 2)")
+    gas = cfg.get("gradient_accumulation_steps", 1)
+    if gas == "auto":
+        gas = 1
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    cfg["gradient_accumulation_steps"] = gas
+    cfg["train_batch_size"] = micro_batch * gas * world_size
+    cfg.setdefault("steps_per_print", 10**9)  # ifc_ds logs itself
+    if cfg.get("zero_optimization", {}).get("offload_optimizer"):
+        cfg["zero_force_ds_cpu_optimizer"] = False  # SGD/LARS from torch/timm run on the offloaded state
+    return cfg
+
+
+def classifier_ds_config(backbone_cfg: dict) -> dict:
+    """The classifier engine: same ZeRO stage and offload, fp32 (cosine logits need it), no clipping,
+    and a data-parallel world of one."""
+    cfg = copy.deepcopy(backbone_cfg)
+    for key in ("fp16", "bf16", "amp", "torch_autocast", "gradient_clipping"):
+        cfg.pop(key, None)
+    cfg["train_batch_size"] = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"]
+    return cfg
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up from ~0 to 1, then cosine decay to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and normalisation parameters (every parameter with ndim <= 1)."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:
+    """sgd (momentum), lars (timm's, SGD + trust ratio) or adamw; a registry, not an if-chain."""
+    from timm.optim import Lars
+
+    factories = {
+        "sgd": lambda: torch.optim.SGD(groups, lr=lr, momentum=momentum),
+        "lars": lambda: Lars(groups, lr=lr, momentum=momentum),
+        "adamw": lambda: torch.optim.AdamW(groups, lr=lr),
+    }
+    if name not in factories:
+        raise ConfigError(f"train.optimizer: unknown '{name}'; choose from {', '.join(factories)}")
+    return factories[name]()
+
+
+@dataclass
+class Engines:
+    backbone: deepspeed.DeepSpeedEngine
+    classifier: deepspeed.DeepSpeedEngine
+    base_lr: float  # backbone LR after batch scaling
+    total_steps: int
+
+    def dtype(self) -> torch.dtype:
+        return next(self.backbone.module.parameters()).dtype
+
+
+def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_per_epoch: int,
+                  world_size: int) -> Engines:
+    ds_cfg = backbone_ds_config(read_ds_config(cfg.train.ds_config), cfg.train.batch_size, world_size)
+    global_batch = ds_cfg["train_batch_size"]
+    lr = cfg.train.lr * global_batch / 256  # linear scaling rule
+    total = max(1, steps_per_epoch * cfg.train.epochs)
+    warmup = int(round(cfg.train.warmup_epochs * steps_per_epoch))
+
+    def schedule(step: int) -> float:
+        return warmup_cosine(step, total, warmup, cfg.train.min_lr_ratio)
+
+    # The classifier engine is built first: DeepSpeed stores an engine's mpu in a module-level global
+    # (deepspeed.utils.groups.mpu), which must be back to None when the backbone engine is built and run.
+    for p in classifier.parameters():
+        p.model_parallel = True  # counted by every rank in DeepSpeed's gradient-norm all-reduce
+        p.tensor_model_parallel = True
+    clf_groups = [{"params": list(classifier.parameters()), "weight_decay": cfg.train.classifier_weight_decay}]
+    clf_opt = make_optimizer(cfg.train.optimizer, clf_groups, lr * cfg.train.classifier_lr_scale, cfg.train.momentum)
+    clf_engine, _, _, _ = deepspeed.initialize(
+        model=classifier, optimizer=clf_opt, config=classifier_ds_config(ds_cfg),
+        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(clf_opt, schedule), mpu=RankAloneMPU(),
+        dist_init_required=False)
+    from deepspeed.utils import groups
+
+    groups.mpu = None
+    bb_opt = make_optimizer(cfg.train.optimizer, param_groups(encoder, cfg.train.weight_decay), lr, cfg.train.momentum)
+    bb_engine, _, _, _ = deepspeed.initialize(
+        model=encoder, optimizer=bb_opt, config=ds_cfg,
+        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(bb_opt, schedule), dist_init_required=False)
+    return Engines(backbone=bb_engine, classifier=clf_engine, base_lr=lr, total_steps=total)
+
+
+def train_step(engines: Engines, images: torch.Tensor, ids: torch.Tensor, smoothing_k: int, smoothing_eps: float,
+               on_features=None) -> torch.Tensor | None:
+    """One micro-step (forward + both backwards); returns the loss (detached, same on all ranks), or
+    None without any backward when the loss is not finite (the caller skips the step).
+    ``on_features(features [B, D], ids [B])`` runs between the backbone and the classifier."""
+    features = engines.backbone(images.to(engines.dtype()))
+    leaf = features.detach().float().requires_grad_()
+    if on_features is not None:
+        on_features(leaf.detach(), ids)
+    loss = engines.classifier(leaf, ids, smoothing_k=smoothing_k, smoothing_eps=smoothing_eps)
+    if not torch.isfinite(loss).item():  # one host sync per step; the loss is the same on every rank
+        return None
+    engines.classifier.backward(loss)
+    engines.backbone.backward((features * leaf.grad.to(features.dtype)).sum(), scale_wrt_gas=False)
+    return loss.detach()
+
+
+def optimizer_step(engines: Engines) -> None:
+    engines.classifier.step()
+    engines.backbone.step()
+
+
+def current_lr(engines: Engines) -> float:
+    return engines.backbone.get_lr()[0]

@@ -1,0 +1,75 @@
+"""timm backbone + projection head: images [B, 3, H, W] -> features [B, D]."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+from ifc_ds.config import ModelConfig
+
+
+def adapt_stem_to_small_images(backbone: nn.Module) -> None:
+    """ResNet stem for 32x32 inputs: a 3x3 stride-1 first conv and no max-pool (the stock 7x7/2 conv +
+    pool reduce a 32x32 image to 8x8 before the first block)."""
+    conv = getattr(backbone, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not hasattr(backbone, "maxpool"):
+        raise ValueError(f"small_images supports timm ResNet-style models (conv1 + maxpool), "
+                         f"not {type(backbone).__name__}")
+    backbone.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
+    backbone.maxpool = nn.Identity()
+
+
+def create_backbone(cfg: ModelConfig, image_size: int | None = None) -> nn.Module:
+    """``timm.create_model(name, num_classes=0)``: pooled features [B, backbone.num_features]."""
+    kwargs = dict(cfg.kwargs)
+    if image_size is not None and _takes_img_size(cfg.name):
+        kwargs.setdefault("img_size", image_size)
+    backbone = timm.create_model(cfg.name, pretrained=False, num_classes=0, **kwargs)
+    if cfg.small_images:
+        adapt_stem_to_small_images(backbone)
+    return backbone
+
+
+def _takes_img_size(name: str) -> bool:
+    # ViT-family models fix their patch grid from img_size at construction
+    return any(tag in name for tag in ("vit", "deit", "eva", "beit", "swin"))
+
+
+def data_config(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the model's pretrained_cfg, without building the model."""
+    cfg = timm.get_pretrained_cfg(name) if name in timm.list_models() else None
+    if cfg is None:
+        return timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD
+    return tuple(cfg.mean), tuple(cfg.std)
+
+
+class ProjectionHead(nn.Sequential):
+    """Linear-BN-ReLU-Linear: [B, in] -> [B, D]."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__(nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, out_dim))
+
+
+class InstanceEncoder(nn.Module):
+    """backbone (timm, pooled) + projection head. ``forward``: images [B, 3, H, W] -> [B, D];
+    ``backbone_features``: the pooled backbone output [B, F] used for transfer evaluation."""
+
+    def __init__(self, cfg: ModelConfig, image_size: int | None = None):
+        super().__init__()
+        self.backbone = create_backbone(cfg, image_size)
+        self.head = ProjectionHead(self.backbone.num_features, cfg.head_hidden, cfg.dim)
+        # Only the inputs go channels-last: convolutions then run channels-last (as fast as with
+        # channels-last weights here), while parameters keep the plain layout that DeepSpeed's
+        # broadcast and ZeRO's flat buffers require.
+        self.channels_last = cfg.channels_last
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(self._prepare(images)))
+
+    def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self._prepare(images))

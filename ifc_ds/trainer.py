@@ -1,0 +1,258 @@
+"""The pretraining loop: build everything from a Config, resume, train, monitor, checkpoint.
+
+``train.py`` only parses the command line and calls ``run(cfg)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ifc_ds.augment import eval_crop_pct, eval_transform, train_transform
+from ifc_ds.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, seed_everything
+from ifc_ds.classifier import ShardedInstanceClassifier
+from ifc_ds.config import Config, save_config
+from ifc_ds.data import InstanceBatchSampler, InstanceDataset, default_num_workers, load_dataset, make_loader
+from ifc_ds.dist import all_reduce_sum, device, init_distributed, is_main, local_world_size, rank, world_size
+from ifc_ds.engine import build_engines, current_lr, optimizer_step, train_step
+from ifc_ds.features import extract_features, shard_batches
+from ifc_ds.hooks import TrainState, build_hooks, hook_names
+from ifc_ds.knn import knn_predict, topk_accuracy
+from ifc_ds.model import InstanceEncoder, data_config
+from ifc_ds.observe import Observer, plot_curves, setup_logging
+
+log = logging.getLogger("ifc_ds")
+
+EXIT_OK = 0
+EXIT_PREEMPTED = 75  # checkpointed on SIGTERM/SIGUSR1: requeue and resume (EX_TEMPFAIL)
+EXIT_NONFINITE = 65  # too many consecutive non-finite losses; the last good checkpoint is intact
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (what SLURM sends before preemption or the time limit) set a flag that the
+    loop checks at the next step boundary; the flag is OR-reduced over ranks so all stop together."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.received = signum
+
+    def any_rank(self, dev) -> bool:
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=dev)
+        return bool(all_reduce_sum(flag).item() > 0)
+
+
+class KnnMonitor:
+    """kNN top-1 of the backbone's pooled features on a labelled bank / query pair."""
+
+    def __init__(self, cfg: Config, mean, std):
+        self.cfg = cfg
+        size = cfg.data.image_size
+        self.transform = eval_transform(size, mean, std, eval_crop_pct(cfg.augment, size))
+        bank = load_dataset(cfg.eval.train, limit=cfg.eval.limit_train)
+        if cfg.eval.test:
+            queries = load_dataset(cfg.eval.test, limit=cfg.eval.limit_test)
+        else:  # hold out the last rows of the bank as queries
+            n_query = max(1, int(bank.num_instances * cfg.eval.holdout))
+            n_bank = bank.num_instances - n_query
+            queries = _subset(bank, range(n_bank, bank.num_instances))
+            bank = _subset(bank, range(n_bank))
+        self.bank, self.queries = bank, queries
+        self.num_classes = bank.num_classes or int(max(bank.labels().max(), queries.labels().max())) + 1
+
+    @torch.no_grad()
+    def __call__(self, encoder, dev, dtype) -> float:
+        was_training = encoder.training
+        encoder.eval()
+        fwd = encoder.backbone_features
+        bs = self.cfg.eval.batch_size
+        bank_f, bank_y, _ = extract_features(fwd, self.bank, self.transform, bs, dev, dtype)
+        query_f, query_y, _ = extract_features(fwd, self.queries, self.transform, bs, dev, dtype, gather=True)
+        scores = knn_predict(bank_f, bank_y, query_f, self.num_classes, self.cfg.eval.k, self.cfg.eval.temperature)
+        encoder.train(was_training)
+        return topk_accuracy(scores, query_y, ks=(1,))[1]
+
+
+def _subset(loaded, rows):
+    from dataclasses import replace
+
+    table = loaded.table.select(rows)
+    return replace(loaded, table=table, num_instances=len(table))
+
+
+def _feature_pass(engines, loaded, transform, dev, num_workers):
+    """For raw-feature init: (features [b, D] from the initial network, ids [b]) over this rank's share."""
+
+    def run(batch_size: int):
+        for batch in shard_batches(loaded, transform, batch_size, num_workers):
+            images = batch["images"].to(dev, engines.dtype())
+            yield engines.backbone.module(images).float(), batch["ids"].to(dev)
+    return run
+
+
+def run(cfg: Config) -> int:
+    """Pretrains; returns the process exit code (EXIT_*)."""
+    init_distributed(cfg.dist.timeout_s)
+    setup_logging()
+    seed_everything(cfg.seed + rank())
+    dev, world = device(), world_size()
+    if dev.type != "cpu":
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().set_device(dev.index or 0)
+
+    loaded = load_dataset(cfg.data.train, limit=cfg.data.limit, streaming=cfg.data.streaming)
+    if loaded.table is None:
+        raise NotImplementedError("pretraining on a streaming dataset: see the README (index it with save_to_disk)")
+    n = loaded.num_instances
+    mean, std = data_config(cfg.model.name)
+    num_workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_num_workers(local_world_size())
+
+    encoder = InstanceEncoder(cfg.model, cfg.data.image_size)
+    classifier = ShardedInstanceClassifier(n, cfg.model.dim, cfg.classifier.temperature,
+                                           chunk_size=cfg.classifier.chunk_size).to(dev)
+    global_batch = cfg.train.batch_size * world
+    sampler = InstanceBatchSampler(n, global_batch, rank(), world, seed=cfg.seed)
+    steps_per_epoch = len(sampler)
+    engines = build_engines(cfg, encoder, classifier, steps_per_epoch, world)
+    train_ds = InstanceDataset(loaded, train_transform(cfg.augment, cfg.data.image_size, mean, std))
+    init_transform = eval_transform(cfg.data.image_size, mean, std, eval_crop_pct(cfg.augment, cfg.data.image_size))
+    hooks = build_hooks(cfg, _feature_pass(engines, loaded, init_transform, dev, num_workers))
+    state = TrainState(engines=engines, classifier=classifier, num_instances=n, steps_per_epoch=steps_per_epoch)
+    monitor = KnnMonitor(cfg, mean, std) if cfg.eval.train else None
+
+    out = Path(cfg.output_dir)
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    offset, evals, bad_images, nonfinite = 0, [], 0, 0
+    resume_from = find_checkpoint(cfg.output_dir, cfg.resume)
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from, engines, cfg, n)
+        state.step, state.epoch, offset = saved["step"], saved["epoch"], saved["offset"]
+        evals, bad_images = saved.get("evals", []), saved.get("bad_images", 0)
+        for hook, hook_state in zip(hooks, saved["hooks"]):
+            hook.load_state_dict(hook_state)
+        log.info("resumed from %s at step %d (epoch %d, position %d)", resume_from, state.step, state.epoch, offset)
+    log.info("N=%d instances, %d ranks, global batch %d, %d steps/epoch, lr %.4g, hooks: %s", n, world, global_batch,
+             steps_per_epoch, engines.base_lr, ", ".join(hook_names(hooks)) or "none")
+
+    def trainer_state() -> dict:
+        return {"step": state.step, "epoch": state.epoch, "offset": offset, "hooks": [h.state_dict() for h in hooks],
+                "classifier_lr_scheduler": engines.classifier.lr_scheduler.state_dict(), "evals": evals,
+                "bad_images": bad_images, "sampler": sampler.state_dict()}
+
+    def checkpoint() -> None:
+        save_checkpoint(cfg.output_dir, state.step, engines, trainer_state(), cfg, cfg.checkpoint.keep_last)
+
+    def evaluate() -> None:
+        if monitor is None:
+            return
+        top1 = monitor(engines.backbone.module, dev, engines.dtype())
+        evals.append({"step": state.step, "epoch": state.epoch, "knn_top1": top1})
+        log.info("kNN top-1 %.2f%% at step %d", 100 * top1, state.step)
+        if is_main():
+            (out / "eval.json").write_text(json.dumps({"knn_top1": top1, "k": cfg.eval.k,
+                                                        "temperature": cfg.eval.temperature, "history": evals},
+                                                       indent=1))
+
+    stop = StopSignal()
+    total_steps = steps_per_epoch * cfg.train.epochs
+    last_step = min(total_steps, cfg.train.max_steps or total_steps)
+    observer = Observer(cfg.output_dir, last_step, state.step, cfg.log.progress, cfg.log.tensorboard)
+    for hook in hooks:
+        hook.on_train_start(state)
+    exit_code = EXIT_OK
+    try:
+        while state.step < last_step and exit_code == EXIT_OK:
+            sampler.set_position(state.epoch, offset)
+            bounds = sampler.bounds()
+            if offset == 0:
+                for hook in hooks:
+                    hook.on_epoch_start(state)
+            loader = make_loader(train_ds, batch_sampler=sampler, num_workers=num_workers,
+                                 pin_memory=dev.type == "cuda", seed=cfg.seed + state.epoch)
+            epoch_bad = 0
+            for (start, end), batch in zip(bounds, loader):
+                state.batch = batch
+                log_now = (state.step + 1) % cfg.train.log_every == 0 or state.step + 1 == last_step
+                classifier.track_accuracy = log_now
+                images, ids = batch["images"].to(dev, non_blocking=True), batch["ids"].to(dev, non_blocking=True)
+
+                def features_hook(features, batch_ids):
+                    for hook in hooks:
+                        hook.on_features(state, features, batch_ids)
+
+                # None: the loss was not finite (same on every rank) and nothing was applied
+                loss = train_step(engines, images, ids, state.smoothing_k, state.smoothing_eps, features_hook)
+                if loss is None:
+                    nonfinite += 1
+                    log.warning("non-finite loss at step %d (%d in a row): step skipped", state.step + 1, nonfinite)
+                    if nonfinite >= cfg.train.nonfinite_patience:
+                        log.error("%d consecutive non-finite losses: stopping; the last checkpoint is intact",
+                                  nonfinite)
+                        exit_code = EXIT_NONFINITE
+                        break
+                    continue
+                nonfinite = 0
+                for hook in hooks:
+                    hook.before_step(state)
+                optimizer_step(engines)
+                state.step += 1
+                offset = end
+                epoch_bad += int(batch["replaced"])
+                observer.count_images(end - start)
+                metrics = None
+                if log_now:
+                    metrics = {"step": state.step, "epoch": state.epoch + offset / max(1, n), "loss": loss.item(),
+                               "lr": current_lr(engines), "images_per_sec": observer.images_per_sec(),
+                               "instance_acc": classifier.last_accuracy.item(),
+                               "smoothing_eps": state.smoothing_eps}
+                observer.step(metrics)
+                if stop.any_rank(dev):
+                    log.warning("stop signal received: checkpointing at step %d and exiting", state.step)
+                    exit_code = EXIT_PREEMPTED
+                    break
+                if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
+                    checkpoint()
+                if state.step >= last_step:
+                    break
+            if exit_code != EXIT_OK:
+                break
+            epoch_bad = int(all_reduce_sum(torch.tensor([epoch_bad], device=dev)).item())
+            bad_images += epoch_bad
+            if epoch_bad:
+                log.warning("epoch %d: %d undecodable images were replaced by the next valid row", state.epoch,
+                            epoch_bad)
+            if offset >= n:  # epoch finished
+                state.epoch, offset = state.epoch + 1, 0
+                if cfg.eval.every_epochs and state.epoch % cfg.eval.every_epochs == 0 and state.step < last_step:
+                    evaluate()
+                if cfg.checkpoint.every_epochs and state.epoch % cfg.checkpoint.every_epochs == 0:
+                    checkpoint()
+        if exit_code == EXIT_PREEMPTED:
+            checkpoint()
+        elif exit_code == EXIT_OK:
+            evaluate()
+            checkpoint()
+            if is_main():
+                plot_curves(cfg.output_dir, evals)
+            if bad_images:
+                log.warning("run finished: %d undecodable images were replaced in total", bad_images)
+    finally:
+        observer.close()
+    return exit_code
+
+
+def finish(exit_code: int) -> int:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return exit_code

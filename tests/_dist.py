@@ -1,0 +1,39 @@
+"""Spawns real gloo process groups for multi-rank tests (CPU, one thread per rank)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank: int, world_size: int, tmp: str, fn, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        fn(rank, world_size, *args)
+    except BaseException:
+        with open(f"{tmp}/error.{rank}", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int, *args) -> None:
+    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; any rank's exception
+    (assertion included) fails the calling test with that rank's traceback. When one rank fails,
+    its peers fail too ("connection closed"); the root cause is reported first."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            mp.spawn(_entry, args=(world_size, tmp, fn, args), nprocs=world_size, join=True)
+        except Exception as exc:
+            errors = [open(os.path.join(tmp, f)).read() for f in sorted(os.listdir(tmp)) if f.startswith("error.")]
+            errors.sort(key=lambda e: "Connection closed" in e or "Connection reset" in e)
+            raise AssertionError("rank failure:\n" + ("\n".join(errors) or str(exc))) from None

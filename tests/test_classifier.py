@@ -1,0 +1,153 @@
+"""ShardedInstanceClassifier against a single-process reference: full weight + F.cross_entropy."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ifc_ds.classifier import ShardedInstanceClassifier, shard_range
+from tests._dist import run_ranks
+
+N, D = 23, 8  # N not divisible by 2, 3 or 4
+
+
+def reference_loss(features_all, weight_full, ids_all, temperature, k, eps):
+    """Independent reference: materialise all N logits, build dense soft targets, F.cross_entropy."""
+    logits = F.normalize(features_all, dim=1) @ F.normalize(weight_full, dim=1).T / temperature
+    targets = F.one_hot(ids_all, weight_full.shape[0]).float() * (1 - eps if k and eps else 1.0)
+    if k and eps:
+        others = logits.detach().clone()
+        others[torch.arange(len(ids_all)), ids_all] = float("-inf")
+        top = others.topk(k, dim=1).indices
+        targets.scatter_add_(1, top, torch.full(top.shape, eps / k))
+    return F.cross_entropy(logits, targets)
+
+
+def batch_sizes(world_size):
+    return [5 + 2 * r for r in range(world_size)]  # unequal B_local per rank
+
+
+def make_case(world_size, seed):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = batch_sizes(world_size)
+    feats = torch.randn(sum(sizes), D, generator=gen) * 3
+    ids = torch.randint(0, N, (sum(sizes),), generator=gen)
+    ids[1] = ids[0]  # repeated ids in a batch
+    weight = torch.randn(N, D, generator=gen)
+    return sizes, feats, ids, weight
+
+
+CASES = [(k, eps, chunk, temp) for k in (0, 1, 5) for chunk in (None, 4) for (eps, temp) in ((0.1, 0.15),)]
+CASES += [(5, 0.2, None, 0.02), (5, 0.2, 3, 0.02), (0, 0.0, 2, 0.1)]  # small T: shifted path
+
+
+def _check_exact(rank, world_size):
+    for case_no, (k, eps, chunk, temp) in enumerate(CASES):
+        sizes, feats, ids, weight = make_case(world_size, seed=case_no)
+        clf = ShardedInstanceClassifier(N, D, temperature=temp, chunk_size=chunk)
+        assert (clf.row_start, clf.row_end) == shard_range(N, world_size, rank)
+        with torch.no_grad():
+            clf.weight.copy_(weight[clf.row_start:clf.row_end])
+        lo = sum(sizes[:rank])
+        mine = feats[lo:lo + sizes[rank]].clone().requires_grad_()
+        loss = clf(mine, ids[lo:lo + sizes[rank]], smoothing_k=k, smoothing_eps=eps)
+        loss.backward()
+
+        ref_feats, ref_w = feats.clone().requires_grad_(), weight.clone().requires_grad_()
+        ref = reference_loss(ref_feats, ref_w, ids, temp, k, eps)
+        ref.backward()
+        msg = f"case {case_no} (k={k}, eps={eps}, chunk={chunk}, T={temp}) rank {rank}/{world_size}"
+        assert_close_rel(loss.detach(), ref.detach(), msg)
+        assert_close_rel(mine.grad, world_size * ref_feats.grad[lo:lo + sizes[rank]], msg)
+        assert_close_rel(clf.weight.grad, ref_w.grad[clf.row_start:clf.row_end], msg)
+
+
+def assert_close_rel(actual, expected, msg, rel=1e-5):
+    """Within ``rel`` of the reference, relative to the tensor's largest entry: gradients are sums of
+    large terms that cancel, so an entry near 0 carries the rounding error of the large terms."""
+    scale = expected.abs().max().clamp_min(1e-12).item()
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale, msg=lambda m: f"{msg}: {m}")
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_matches_single_process_reference(world_size):
+    if world_size == 1:
+        _check_exact(0, 1)  # no process group at all
+    else:
+        run_ranks(_check_exact, world_size)
+
+
+def _check_assign_and_errors(rank, world_size):
+    clf = ShardedInstanceClassifier(N, D)
+    # every rank assigns a disjoint strided set of ids; together they cover all N rows
+    ids = torch.arange(rank, N, world_size)
+    vecs = torch.randn(len(ids), D, generator=torch.Generator().manual_seed(rank)) * 5
+    clf.assign_rows(ids, vecs)
+    full = clf.full_weight()
+    for r in range(world_size):
+        r_ids = torch.arange(r, N, world_size)
+        r_vecs = torch.randn(len(r_ids), D, generator=torch.Generator().manual_seed(r)) * 5
+        torch.testing.assert_close(full[r_ids], F.normalize(r_vecs, dim=1))
+    # bad input on ONE rank: every rank raises the same clear error, nobody hangs
+    bad_ids = torch.tensor([0, N if rank == world_size - 1 else 1])
+    with pytest.raises(ValueError, match="outside"):
+        clf(torch.randn(2, D), bad_ids)
+    wrong_dim = D + 1 if rank == 0 else D
+    with pytest.raises(ValueError, match="dim"):
+        clf(torch.randn(2, wrong_dim), torch.tensor([0, 1]))
+    # the group still works after the errors
+    loss = clf(torch.randn(3, D), torch.tensor([0, 1, 2]))
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_assign_rows_round_trip_and_errors(world_size):
+    if world_size == 1:
+        _check_assign_and_errors(0, 1)
+    else:
+        run_ranks(_check_assign_and_errors, world_size)
+
+
+def _too_few_rows(rank, world_size):
+    with pytest.raises(ValueError, match="smaller than the world size"):
+        ShardedInstanceClassifier(1, D)
+
+
+def test_fewer_instances_than_ranks():
+    run_ranks(_too_few_rows, 2)
+
+
+def test_bad_arguments_single_process():
+    clf = ShardedInstanceClassifier(N, D)
+    with pytest.raises(ValueError, match="exceeds"):
+        clf(torch.randn(2, D), torch.tensor([0, 1]), smoothing_k=N, smoothing_eps=0.1)
+    with pytest.raises(ValueError, match=r"\[B, D\]"):
+        clf(torch.randn(2, D), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="chunk_size"):
+        ShardedInstanceClassifier(N, D, chunk_size=0)
+
+
+def test_instance_accuracy_and_bf16_autocast():
+    clf = ShardedInstanceClassifier(N, D, temperature=0.1)
+    clf.track_accuracy = True
+    ids = torch.arange(N)
+    feats = clf.weight.detach().clone()  # every sample equals its own row: accuracy 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = clf(feats.bfloat16(), ids)
+    assert loss.dtype == torch.float32
+    assert clf.last_accuracy.item() == 1.0
+    clf(-feats, ids)
+    assert clf.last_accuracy.item() == 0.0
+
+
+def test_workspace_reuse_gives_same_result():
+    clf = ShardedInstanceClassifier(N, D)
+    feats, ids = torch.randn(6, D), torch.randint(0, N, (6,))
+    grads = []
+    for _ in range(2):
+        clf.weight.grad = None
+        clf(feats, ids).backward()
+        grads.append(clf.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    with torch.no_grad():  # no backward follows: the buffer must not stay claimed
+        clf(feats, ids)
+    assert not clf._workspace.get("busy")
