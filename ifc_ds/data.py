@@ -115,6 +115,19 @@ def _pick_split(spec: DatasetSpec, ds):
 
 
 def _load_raw(spec: DatasetSpec):
+    """The spec's rows as a datasets.Dataset (or IterableDataset); every failure is one DatasetSpecError."""
+    try:
+        return _load_raw_unchecked(spec)
+    except DatasetSpecError:
+        raise
+    except Exception as exc:  # datasets / pyarrow / PIL raise many types; the user needs one line
+        first = (str(exc).splitlines() or [""])[0]
+        if "corresponds to no data" in first:
+            raise spec.error("is empty") from None
+        raise spec.error(f"cannot load: {type(exc).__name__}: {first}") from None
+
+
+def _load_raw_unchecked(spec: DatasetSpec):
     import datasets
 
     split = spec.split or "train"
@@ -303,9 +316,9 @@ class InstanceBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, num_instances: int, global_batch: int, rank: int, world_size: int, seed: int = 0,
                  shuffle: bool = True):
-        if num_instances < 2 * world_size:
-            raise ValueError(f"{num_instances} instances cannot be split over {world_size} ranks "
-                             "with at least 2 per rank")
+        if num_instances < 2 * world_size or global_batch < 2 * world_size:
+            raise ValueError(f"{num_instances} instances in global batches of {global_batch} cannot be split "
+                             f"over {world_size} ranks with at least 2 per rank")
         self.num_instances, self.global_batch = num_instances, global_batch
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.epoch, self.offset = 0, 0
@@ -314,7 +327,10 @@ class InstanceBatchSampler(torch.utils.data.Sampler):
         self.epoch, self.offset = epoch, offset
 
     def bounds(self) -> list[tuple[int, int]]:
-        return step_bounds(self.num_instances, self.global_batch, self.offset, 2 * self.world_size)
+        # half a global batch keeps the tail rule independent of the world size whenever each rank's
+        # batch is >= 4; 2 per rank is the floor batch norm needs
+        min_tail = max(-(-self.global_batch // 2), 2 * self.world_size)
+        return step_bounds(self.num_instances, self.global_batch, self.offset, min_tail)
 
     def order(self) -> torch.Tensor:
         if not self.shuffle:

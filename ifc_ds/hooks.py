@@ -38,10 +38,6 @@ class TrainState:
     smoothing_eps: float = 0.0
     extras: dict = field(default_factory=dict)
 
-    @property
-    def epoch_progress(self) -> float:
-        return self.step / max(1, self.steps_per_epoch)
-
 
 class Hook:
     def on_train_start(self, state: TrainState) -> None: ...
@@ -120,18 +116,15 @@ class HardLabelSmoothing(Hook):
             return self.eps
         return self.eps * min(1.0, (epoch_progress - self.start_epoch) / self.ramp_epochs)
 
-    def _apply(self, state: TrainState) -> None:
-        eps = self.eps_at(state.epoch_progress)
+    def _apply(self, state: TrainState, steps_done: int) -> None:
+        eps = self.eps_at(steps_done / max(1, state.steps_per_epoch))
         state.smoothing_k, state.smoothing_eps = (self.k, eps) if eps > 0 else (0, 0.0)
 
     def on_train_start(self, state: TrainState) -> None:
-        self._apply(state)
+        self._apply(state, state.step)  # also after a resume: the schedule is a function of the step
 
     def before_step(self, state: TrainState) -> None:
-        # sets K and eps for the next step from the schedule (state.step is the step being finished)
-        state.step += 1
-        self._apply(state)
-        state.step -= 1
+        self._apply(state, state.step + 1)  # K and eps for the next forward, once this step is done
 
 
 def build_hooks(cfg: Config, feature_pass) -> list[Hook]:

@@ -1,0 +1,34 @@
+import pytest
+
+from ifc_ds.config import ConfigError, load_config, parse_overrides, save_config
+
+
+def test_yaml_and_overrides(tmp_path):
+    cfg = load_config("configs/cifar10.yaml", ["train.epochs=2", "data.limit=2000", "output_dir=out/run1",
+                                               "classifier.chunk_size=null", "model.kwargs={drop_path_rate: 0.1}"])
+    assert cfg.train.epochs == 2 and cfg.data.limit == 2000 and cfg.output_dir == "out/run1"
+    assert cfg.classifier.chunk_size is None and cfg.model.kwargs == {"drop_path_rate": 0.1}
+    assert cfg.train.lr == pytest.approx(float(cfg.train.lr))
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.epoch=3", "unknown config key 'train.epoch'"),
+    ("nope=1", "unknown config key 'nope'"),
+    ("train.epochs=two", "train.epochs: expected an integer"),
+    ("train.epochs=0", "train.epochs must be > 0"),
+    ("train.optimizer=rmsprop", "not one of sgd, lars, adamw"),
+    ("model.small_images=maybe", "expected true/false"),
+    ("train=3", "expected a section"),
+    ("hooks.smoothing.eps=1.5", "eps must be in"),
+])
+def test_bad_overrides_are_clear(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_parse_overrides_nests():
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["justakey"])

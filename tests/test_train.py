@@ -1,0 +1,205 @@
+"""End to end: real ranks running train.py; resume (exact, elastic), faults, signals, the NaN guard."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ifc_ds.checkpoint import CheckpointError, check_compatible, find_checkpoint
+from ifc_ds.config import load_config
+from ifc_ds.trainer import EXIT_NONFINITE, EXIT_PREEMPTED
+from tests._launch import REPO, TINY, logs, run_ranks, start_ranks, wait_ranks
+
+
+def rows(ckpt: Path) -> dict:
+    """Assembled classifier weight and optimizer state [N, D] from a checkpoint's row files."""
+    parts = [torch.load(p, weights_only=False) for p in sorted((ckpt / "classifier").glob("rows_*.pt"))]
+    out = {"weight": torch.cat([p["weight"] for p in parts])}
+    for key in parts[0]["tensors"]:
+        if key.startswith("state."):
+            out[key] = torch.cat([p["tensors"][key] for p in parts])
+    return out
+
+
+def backbone(ckpt: Path) -> dict:
+    return torch.load(ckpt / "engine" / "backbone" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+def assert_same_state(a: Path, b: Path):
+    ra, rb = rows(a), rows(b)
+    assert ra.keys() == rb.keys()
+    for key in ra:
+        assert torch.equal(ra[key], rb[key]), key
+    ba, bb = backbone(a), backbone(b)
+    assert ba.keys() == bb.keys()
+    for key in ba:
+        assert torch.equal(ba[key], bb[key]), key
+
+
+def metrics(out: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "images_per_sec"}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def ok(codes, log_dir):
+    assert codes == [0] * len(codes), logs(log_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 2-rank run of 9 steps (3 epochs) with checkpoints every 2 steps."""
+    out = tmp_path_factory.mktemp("ref")
+    ok(run_ranks(2, [f"output_dir={out}", "train.epochs=3", "checkpoint.every_steps=2"], out / "logs"), out / "logs")
+    return out
+
+
+def test_two_rank_run_outputs_and_falling_loss(tmp_path):
+    out = tmp_path / "run"
+    ok(run_ranks(2, [f"output_dir={out}", "train.epochs=4", "eval.train=sklearn:digits", "eval.limit_train=120",
+                     "eval.k=10", "eval.every_epochs=2"], tmp_path / "logs"), tmp_path / "logs")
+    for name in ("config.yaml", "metrics.jsonl", "eval.json", "training.png", "checkpoints/latest"):
+        assert (out / name).exists(), name
+    m = metrics(out)
+    assert [r["step"] for r in m] == list(range(1, 13))
+    assert set(m[0]) >= {"step", "epoch", "loss", "lr", "instance_acc"}
+    first, last = sum(r["loss"] for r in m[:3]) / 3, sum(r["loss"] for r in m[-3:]) / 3
+    assert last < first - 0.05, (first, last)
+    ev = json.loads((out / "eval.json").read_text())
+    assert 0.0 <= ev["knn_top1"] <= 1.0 and len(ev["history"]) == 2  # after epoch 2, and at the end
+    assert load_config(out / "config.yaml").train.epochs == 4
+
+
+def test_exact_resume_mid_epoch_is_bitwise(tmp_path, reference):
+    out = tmp_path / "run"
+    common = [f"output_dir={out}", "train.epochs=3", "checkpoint.every_steps=2"]
+    ok(run_ranks(2, common + ["train.max_steps=4"], tmp_path / "a"), tmp_path / "a")  # step 4 = mid epoch 2
+    ok(run_ranks(2, common, tmp_path / "b"), tmp_path / "b")  # resume=auto, to the end (step 9)
+    assert_same_state(find_checkpoint(str(out), "auto"), find_checkpoint(str(reference), "auto"))
+    assert metrics(out) == metrics(reference)
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_elastic_resume_from_two_ranks(tmp_path, reference, new_world):
+    out = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints" / "step_00000004", out / "checkpoints" / "step_00000004")
+    before = rows(out / "checkpoints" / "step_00000004")
+    # resume on new_world ranks without a step: the re-sharded rows are written back unchanged
+    ok(run_ranks(new_world, [f"output_dir={out}", "train.epochs=3", "train.max_steps=4"], tmp_path / "a"),
+       tmp_path / "a")
+    latest = find_checkpoint(str(out), "auto")
+    assert json.loads((latest / "meta.json").read_text())["world_size"] == new_world
+    after = rows(latest)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert torch.load(latest / "trainer" / "state.pt", weights_only=False)["offset"] == 16  # mid-epoch position
+    ok(run_ranks(new_world, [f"output_dir={out}", "train.epochs=3"], tmp_path / "b"), tmp_path / "b")
+    assert metrics(out)[-1]["step"] == 9
+
+
+def test_elastic_resume_one_to_two(tmp_path):
+    out = tmp_path / "run"
+    ok(run_ranks(1, [f"output_dir={out}", "train.batch_size=16", "train.max_steps=2"], tmp_path / "a"), tmp_path / "a")
+    before = rows(find_checkpoint(str(out), "auto"))
+    ok(run_ranks(2, [f"output_dir={out}", "train.max_steps=2"], tmp_path / "b"), tmp_path / "b")
+    after = rows(find_checkpoint(str(out), "auto"))
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+
+
+def test_kill_minus_nine_then_resume(tmp_path, reference):
+    out = tmp_path / "run"
+    args = [f"output_dir={out}", "train.epochs=3", "checkpoint.every_steps=2", "dist.timeout_s=20"]
+    procs = start_ranks(2, args, tmp_path / "a")
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "step_00000004" / "meta.json").exists():
+        assert time.time() < deadline and procs[0].poll() is None, logs(tmp_path / "a")
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    t0 = time.time()
+    code = procs[0].wait(timeout=120)
+    assert code != 0 and time.time() - t0 < 60, logs(tmp_path / "a")
+    ok(run_ranks(2, args, tmp_path / "b"), tmp_path / "b")  # resume=auto
+    assert_same_state(find_checkpoint(str(out), "auto"), find_checkpoint(str(reference), "auto"))
+
+
+def test_sigterm_checkpoints_and_exits_distinctly(tmp_path, reference):
+    out = tmp_path / "run"
+    args = [f"output_dir={out}", "train.epochs=3", "checkpoint.every_steps=2"]
+    procs = start_ranks(2, args, tmp_path / "a")
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert time.time() < deadline and procs[0].poll() is None, logs(tmp_path / "a")
+        time.sleep(0.1)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    assert wait_ranks(procs, 120) == [EXIT_PREEMPTED] * 2, logs(tmp_path / "a")
+    stopped = find_checkpoint(str(out), "auto")
+    assert stopped is not None and int(stopped.name.split("_")[1]) < 9
+    ok(run_ranks(2, args, tmp_path / "b"), tmp_path / "b")
+    assert_same_state(find_checkpoint(str(out), "auto"), find_checkpoint(str(reference), "auto"))
+
+
+def test_partial_checkpoints_are_ignored(tmp_path, reference):
+    out = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints" / "step_00000004", out / "checkpoints" / "step_00000004")
+    (out / "checkpoints" / "latest").write_text("step_00000004")
+    (out / "checkpoints" / ".tmp-step_00000006").mkdir()  # interrupted before the rename
+    partial = out / "checkpoints" / "step_00000008"  # renamed by hand, never completed
+    shutil.copytree(reference / "checkpoints" / "step_00000004" / "engine", partial / "engine")
+    assert find_checkpoint(str(out), "auto").name == "step_00000004"
+    (out / "checkpoints" / "latest").write_text("step_00000008")  # a pointer to an incomplete folder
+    assert find_checkpoint(str(out), "auto").name == "step_00000004"
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        find_checkpoint(str(out), str(partial))
+    assert find_checkpoint(str(out), "none") is None
+
+
+def test_mismatched_config_is_refused(reference):
+    ckpt = find_checkpoint(str(reference), "auto")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    base = TINY + [f"output_dir={reference}", "train.epochs=3"]
+    assert check_compatible(meta, load_config(None, base), 48) == [] or True
+    changes = check_compatible(meta, load_config(None, base + ["train.lr=0.5"]), 48)
+    assert any(c.startswith("train.lr") for c in changes)
+    with pytest.raises(CheckpointError, match="N=48"):
+        check_compatible(meta, load_config(None, base), 50)
+    with pytest.raises(CheckpointError, match="model.dim"):
+        check_compatible(meta, load_config(None, base + ["model.dim=8"]), 48)
+    with pytest.raises(CheckpointError, match="model.name"):
+        check_compatible(meta, load_config(None, base + ["model.name=resnet18"]), 48)
+
+
+NAN_SCRIPT = """
+import sys, torch
+from ifc_ds import classifier
+real = classifier.ShardedInstanceClassifier.forward
+calls = [0]
+def forward(self, *a, **k):
+    calls[0] += 1
+    loss = real(self, *a, **k)
+    return loss * float("nan") if calls[0] > 3 else loss
+classifier.ShardedInstanceClassifier.forward = forward
+sys.argv = ["train.py"] + sys.argv[1:]
+import train
+sys.exit(train.main())
+"""
+
+
+def test_nonfinite_loss_guard(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", NAN_SCRIPT, *TINY, f"output_dir={out}", "train.batch_size=16",
+                           "train.nonfinite_patience=2"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == EXIT_NONFINITE, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "non-finite loss" in proc.stderr + proc.stdout
+    good = find_checkpoint(str(out), "auto")
+    assert good.name == "step_00000003"  # the end of epoch 1, before the bad steps
+    assert torch.isfinite(rows(good)["weight"]).all()
