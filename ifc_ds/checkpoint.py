@@ -280,7 +280,11 @@ def load_checkpoint(path: Path, engines, cfg: Config, num_instances: int) -> dic
                                      load_lr_scheduler_states=True)
     load_classifier_rows(engines.classifier, path / "classifier")
     state = torch.load(path / "trainer" / "state.pt", map_location="cpu", weights_only=False)
-    engines.classifier.lr_scheduler.load_state_dict(state["classifier_lr_scheduler"])
+    scheduler = engines.classifier.lr_scheduler
+    scheduler.load_state_dict(state["classifier_lr_scheduler"])
+    # LambdaLR.load_state_dict does not touch the optimizer: set the LR the next step must use
+    for group, factor, base in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
+        group["lr"] = base * factor(scheduler.last_epoch)
     rng_file = path / "trainer" / f"rank_{rank()}.pt"
     if same_world and rng_file.is_file():
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))

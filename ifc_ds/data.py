@@ -7,7 +7,8 @@ A dataset spec names the data the way users already do::
     sklearn:digits                         (the embedded default: scikit-learn's digits, 32x32 RGB)
 
 followed by optional ``:key=value`` options: ``split``, ``image_column``, ``label_column``,
-``limit``, ``streaming`` (e.g. ``parquet:/x/train.parquet:image_column=img:limit=2000``).
+``start`` (skip the first rows), ``limit``, ``streaming``
+(e.g. ``parquet:/x/train.parquet:image_column=img:limit=2000``, ``sklearn:digits:start=1200``).
 
 Instance id = row position in the (map-style) dataset after ``limit``: stable across runs, world
 sizes and shuffles. Streaming datasets get an ``instance_id`` column from their stream position.
@@ -28,7 +29,7 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 KINDS = ("parquet", "imagefolder", "disk", "arrow", "sklearn")
-OPTIONS = ("split", "image_column", "label_column", "limit", "streaming")
+OPTIONS = ("split", "image_column", "label_column", "start", "limit", "streaming")
 
 
 class DatasetSpecError(ValueError):
@@ -42,6 +43,7 @@ class DatasetSpec:
     split: str | None = None
     image_column: str | None = None
     label_column: str | None = None
+    start: int = 0
     limit: int | None = None
     streaming: bool = False
     text: str = ""
@@ -76,10 +78,11 @@ def parse_spec(text: str) -> DatasetSpec:
         raise DatasetSpecError(f"dataset '{text}': missing path")
     try:
         limit = int(options["limit"]) if "limit" in options else None
+        start = int(options.get("start", 0))
     except ValueError:
-        raise DatasetSpecError(f"dataset '{text}': limit must be an integer") from None
+        raise DatasetSpecError(f"dataset '{text}': start and limit must be integers") from None
     return DatasetSpec(kind=kind, path=path, split=options.get("split"), image_column=options.get("image_column"),
-                       label_column=options.get("label_column"), limit=limit,
+                       label_column=options.get("label_column"), start=start, limit=limit,
                        streaming=options.get("streaming", "false").lower() in ("1", "true", "yes"), text=text)
 
 
@@ -220,8 +223,9 @@ def load_dataset(spec: str | DatasetSpec, limit: int | None = None, streaming: b
         if spec.limit is not None:
             ds, n = ds.take(spec.limit), min(n, spec.limit)
         return LoadedDataset(spec, image_col, label_col, stream=ds, num_instances=n, num_classes=num_classes)
-    if spec.limit is not None:
-        ds = ds.select(range(min(spec.limit, len(ds))))
+    if spec.start or spec.limit is not None:
+        end = len(ds) if spec.limit is None else min(len(ds), spec.start + spec.limit)
+        ds = ds.select(range(min(spec.start, end), end))
     if len(ds) == 0:
         raise spec.error("is empty")
     return LoadedDataset(spec, image_col, label_col, table=ds, num_instances=len(ds), num_classes=num_classes)

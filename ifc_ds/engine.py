@@ -64,6 +64,8 @@ def backbone_ds_config(ds_config: dict, micro_batch: int, world_size: int) -> di
     cfg["gradient_accumulation_steps"] = gas
     cfg["train_batch_size"] = micro_batch * gas * world_size
     cfg.setdefault("steps_per_print", 10**9)  # ifc_ds logs itself
+    if stage > 0:
+        cfg["zero_allow_untested_optimizer"] = True  # torch SGD / AdamW are element-wise: safe to partition
     if cfg.get("zero_optimization", {}).get("offload_optimizer"):
         cfg["zero_force_ds_cpu_optimizer"] = False  # SGD/LARS from torch/timm run on the offloaded state
     return cfg
@@ -113,7 +115,7 @@ class Engines:
     backbone: deepspeed.DeepSpeedEngine
     classifier: deepspeed.DeepSpeedEngine
     base_lr: float  # backbone LR after batch scaling
-    total_steps: int
+    schedule: dict  # {"total": steps, "warmup": steps}: read by both LR schedules at every step
 
     def dtype(self) -> torch.dtype:
         return next(self.backbone.module.parameters()).dtype
@@ -122,13 +124,17 @@ class Engines:
 def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_per_epoch: int,
                   world_size: int) -> Engines:
     ds_cfg = backbone_ds_config(read_ds_config(cfg.train.ds_config), cfg.train.batch_size, world_size)
+    if cfg.train.optimizer == "lars" and ds_cfg.get("zero_optimization", {}).get("stage", 0) > 0:
+        raise ConfigError("train.optimizer=lars needs ZeRO stage 0: its per-layer trust ratio would be computed "
+                          "on ZeRO's flat partitions instead of layers")
     global_batch = ds_cfg["train_batch_size"]
     lr = cfg.train.lr * global_batch / 256  # linear scaling rule
-    total = max(1, steps_per_epoch * cfg.train.epochs)
-    warmup = int(round(cfg.train.warmup_epochs * steps_per_epoch))
+    # mutable: a resume on another global batch re-plans the remaining steps (see trainer.run)
+    plan = {"total": max(1, steps_per_epoch * cfg.train.epochs),
+            "warmup": int(round(cfg.train.warmup_epochs * steps_per_epoch))}
 
     def schedule(step: int) -> float:
-        return warmup_cosine(step, total, warmup, cfg.train.min_lr_ratio)
+        return warmup_cosine(step, plan["total"], plan["warmup"], cfg.train.min_lr_ratio)
 
     # The classifier engine is built first: DeepSpeed stores an engine's mpu in a module-level global
     # (deepspeed.utils.groups.mpu), which must be back to None when the backbone engine is built and run.
@@ -148,7 +154,7 @@ def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_
     bb_engine, _, _, _ = deepspeed.initialize(
         model=encoder, optimizer=bb_opt, config=ds_cfg,
         lr_scheduler=torch.optim.lr_scheduler.LambdaLR(bb_opt, schedule), dist_init_required=False)
-    return Engines(backbone=bb_engine, classifier=clf_engine, base_lr=lr, total_steps=total)
+    return Engines(backbone=bb_engine, classifier=clf_engine, base_lr=lr, schedule=plan)
 
 
 def train_step(engines: Engines, images: torch.Tensor, ids: torch.Tensor, smoothing_k: int, smoothing_eps: float,

@@ -165,14 +165,20 @@ def run(cfg: Config) -> int:
                                                        indent=1))
 
     stop = StopSignal()
-    total_steps = steps_per_epoch * cfg.train.epochs
+    # the budget is epochs: what remains of this one plus the rest (a resume on another global batch
+    # has other step boundaries), then the LR schedule spans exactly these steps
+    sampler.set_position(state.epoch, offset)
+    remaining = len(sampler.bounds()) if offset else 0
+    remaining += (cfg.train.epochs - state.epoch - (1 if offset else 0)) * steps_per_epoch
+    total_steps = state.step + max(0, remaining)
+    engines.schedule["total"] = max(1, total_steps)
     last_step = min(total_steps, cfg.train.max_steps or total_steps)
     observer = Observer(cfg.output_dir, last_step, state.step, cfg.log.progress, cfg.log.tensorboard)
     for hook in hooks:
         hook.on_train_start(state)
     exit_code = EXIT_OK
     try:
-        while state.step < last_step and exit_code == EXIT_OK:
+        while state.step < last_step and state.epoch < cfg.train.epochs and exit_code == EXIT_OK:
             sampler.set_position(state.epoch, offset)
             bounds = sampler.bounds()
             if offset == 0:

@@ -14,6 +14,8 @@ import torch.multiprocessing as mp
 
 def _entry(rank: int, world_size: int, tmp: str, fn, args) -> None:
     torch.set_num_threads(1)
+    # what a launcher sets (DeepSpeed's engine checks LOCAL_RANK)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
     try:

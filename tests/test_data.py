@@ -70,6 +70,8 @@ def test_limit_and_explicit_columns(sources):
     loaded = load_dataset(sources["parquet"] + ":image_column=img:label_column=cls:limit=5")
     assert loaded.num_instances == 5 and loaded.image_column == "img" and loaded.label_column == "cls"
     assert load_dataset(sources["parquet"], limit=3).num_instances == 3
+    tail = load_dataset(sources["parquet"] + ":start=9")
+    assert tail.num_instances == 3 and _pixel(tail, 0) == 90
 
 
 def test_embedded_digits():
@@ -88,7 +90,7 @@ def test_bad_specs_give_one_line_errors(sources, tmp_path):
         "zip:/x": "unknown kind",
         sources["parquet"] + ":image_column=nope": "missing image column 'nope'",
         sources["parquet"] + ":colour=red": "unknown option",
-        sources["parquet"] + ":limit=x": "limit must be an integer",
+        sources["parquet"] + ":limit=x": "must be integers",
     }
     for spec, message in cases.items():
         with pytest.raises(DatasetSpecError, match=message) as info:

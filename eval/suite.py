@@ -1,0 +1,305 @@
+"""Transfer evaluation: kNN, linear probe and semi-supervised fine-tuning on any labelled datasets.
+
+    python eval/suite.py --checkpoint out/cifar10 --config eval/configs/cifar10.yaml [key=value ...]
+    deepspeed --num_gpus 2 eval/suite.py --checkpoint out/cifar10 --config ...   # features data-parallel
+    python eval/suite.py export --checkpoint out/cifar10 --out backbone.safetensors
+
+``--checkpoint`` takes a run's output_dir (its newest checkpoint), a checkpoint folder, or an exported
+``.safetensors`` file (with ``model.name=...``). Baselines (``baselines: [random, timm:<name>]``) are
+evaluated side by side. Writes ``results.json``, ``results.md`` and ``results.png`` in ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/suite.py` from anywhere
+
+import torch  # noqa: E402
+
+from ifc_ds.augment import eval_crop_pct, eval_transform  # noqa: E402
+from ifc_ds.checkpoint import find_checkpoint  # noqa: E402
+from ifc_ds.config import AugmentConfig, ConfigError, ModelConfig, _apply, config_from_dict, parse_overrides  # noqa: E402
+from ifc_ds.data import load_dataset  # noqa: E402
+from ifc_ds.dist import device, init_distributed, is_main, rank, world_size  # noqa: E402
+from ifc_ds.features import extract_features, shard_batches  # noqa: E402
+from ifc_ds.knn import knn_predict, topk_accuracy  # noqa: E402
+from ifc_ds.model import InstanceEncoder, data_config  # noqa: E402
+
+log = logging.getLogger("ifc_ds.eval")
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class DatasetEntry:
+    train: str = ""
+    test: str = ""
+    limit_train: int | None = None
+    limit_test: int | None = None
+
+
+@dataclass
+class KnnSettings:
+    ks: list = field(default_factory=lambda: [20, 200])
+    temperature: float = 0.07
+
+
+@dataclass
+class LinearSettings:
+    weight_decays: list = field(default_factory=lambda: [0.0, 1e-5, 1e-4, 1e-3, 1e-2])
+    val_fraction: float = 0.1
+    max_iter: int = 200
+
+
+@dataclass
+class SemiSettings:
+    fractions: list = field(default_factory=lambda: [0.01, 0.1])
+    epochs: int = 20
+    lr: float = 0.01
+    batch_size: int = 64
+
+
+@dataclass
+class EvalSuiteConfig:
+    output_dir: str = "out/eval"
+    datasets: dict = field(default_factory=dict)  # name -> {train, test, limit_train, limit_test}
+    protocols: list = field(default_factory=lambda: ["knn", "linear"])  # knn | linear | semi
+    baselines: list = field(default_factory=list)  # random | timm:<name>
+    features: str = "backbone"  # backbone (pooled) | head (projection head output)
+    image_size: int | None = None  # None: the checkpoint's data.image_size
+    batch_size: int = 256
+    num_workers: int = 0
+    cache: bool = True
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)  # for exported files and baselines
+    knn: KnnSettings = field(default_factory=KnnSettings)
+    linear: LinearSettings = field(default_factory=LinearSettings)
+    semi: SemiSettings = field(default_factory=SemiSettings)
+
+
+def load_suite_config(path: str | None, overrides: list[str]) -> EvalSuiteConfig:
+    import yaml
+
+    cfg = EvalSuiteConfig()
+    if path:
+        _apply(cfg, yaml.safe_load(Path(path).read_text()) or {})
+    _apply(cfg, parse_overrides(overrides))
+    for name, entry in list(cfg.datasets.items()):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"datasets.{name}: expected a mapping with train/test specs")
+        _apply(ds := DatasetEntry(), entry, f"datasets.{name}.")
+        if not ds.train or not ds.test:
+            raise ConfigError(f"datasets.{name}: needs both train and test specs")
+        cfg.datasets[name] = ds
+    unknown = set(cfg.protocols) - {"knn", "linear", "semi"}
+    if unknown:
+        raise ConfigError(f"protocols: unknown {sorted(unknown)}; choose from knn, linear, semi")
+    if not cfg.datasets:
+        raise ConfigError("no datasets configured (datasets: {name: {train: ..., test: ...}})")
+    return cfg
+
+
+# --------------------------------------------------------------------------- models
+@dataclass
+class Candidate:
+    """One row of the results: a backbone (and its head, for features=head) under a name."""
+
+    name: str
+    encoder: InstanceEncoder
+    model_cfg: ModelConfig
+    key: str  # cache key: changes whenever the weights do
+    image_size: int
+
+    def mean_std(self):
+        return data_config(self.model_cfg.name)
+
+
+def _from_checkpoint(path: str, cfg: EvalSuiteConfig) -> Candidate:
+    ckpt = find_checkpoint(path, "auto") if (Path(path) / "checkpoints").is_dir() else Path(path)
+    if ckpt is None or not (ckpt / "meta.json").is_file():
+        raise FileNotFoundError(f"--checkpoint {path}: no complete checkpoint found")
+    run_cfg = config_from_dict(json.loads((ckpt / "meta.json").read_text())["config"])
+    size = cfg.image_size or run_cfg.data.image_size
+    encoder = InstanceEncoder(run_cfg.model, size)
+    states = torch.load(ckpt / "engine" / "backbone" / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)["module"]
+    encoder.load_state_dict({k: v.float() for k, v in states.items()})
+    return Candidate("checkpoint", encoder, run_cfg.model, f"{ckpt.resolve()}", size)
+
+
+def _from_safetensors(path: str, cfg: EvalSuiteConfig) -> Candidate:
+    from safetensors.torch import load_file
+
+    size = cfg.image_size or 224
+    encoder = InstanceEncoder(cfg.model, size)
+    encoder.backbone.load_state_dict(load_file(path))
+    return Candidate("exported", encoder, cfg.model, f"{Path(path).resolve()}:{Path(path).stat().st_mtime_ns}", size)
+
+
+def _baseline(spec: str, reference: Candidate, cfg: EvalSuiteConfig) -> Candidate:
+    """``random``: the reference architecture with fresh weights; ``timm:<name>``: any timm model
+    (random weights: nothing is downloaded)."""
+    torch.manual_seed(cfg.seed)
+    if spec == "random":
+        model_cfg = reference.model_cfg
+    elif spec.startswith("timm:"):
+        model_cfg = ModelConfig(name=spec.split(":", 1)[1])
+    else:
+        raise ConfigError(f"baselines: unknown '{spec}'; use random or timm:<model name>")
+    encoder = InstanceEncoder(model_cfg, reference.image_size)
+    return Candidate(spec, encoder, model_cfg, f"{spec}:{cfg.seed}:{model_cfg}", reference.image_size)
+
+
+# --------------------------------------------------------------------------- features
+def _cached_features(cand: Candidate, spec: str, limit, cfg: EvalSuiteConfig, dev, split: str):
+    """Backbone (or head) features of this rank's share of a dataset, cached per (model, dataset)."""
+    loaded = load_dataset(spec, limit=limit)
+    mean, std = cand.mean_std()
+    key = hashlib.sha1(f"{cand.key}|{spec}|{limit}|{cand.image_size}|{cfg.features}".encode()).hexdigest()[:16]
+    cache = Path(cfg.output_dir) / "features" / f"{key}.{split}.rank{rank()}of{world_size()}.pt"
+    if cfg.cache and cache.is_file():
+        saved = torch.load(cache, weights_only=False)
+        return saved["features"].to(dev), saved["labels"].to(dev), loaded
+    transform = eval_transform(cand.image_size, mean, std, eval_crop_pct(AugmentConfig(), cand.image_size))
+    enc = cand.encoder.to(dev).eval()
+    forward = enc.backbone_features if cfg.features == "backbone" else enc
+    feats, labels, _ = extract_features(forward, loaded, transform, cfg.batch_size, dev, num_workers=cfg.num_workers)
+    if cfg.cache:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"features": feats.cpu(), "labels": labels.cpu()}, cache)
+    return feats, labels, loaded
+
+
+# --------------------------------------------------------------------------- protocols
+def evaluate(cand: Candidate, entry: DatasetEntry, cfg: EvalSuiteConfig, dev) -> dict:
+    from ifc_ds.dist import gather_uneven
+
+    bank, bank_y, train_loaded = _cached_features(cand, entry.train, entry.limit_train, cfg, dev, "train")
+    test_shard, test_shard_y, test_loaded = _cached_features(cand, entry.test, entry.limit_test, cfg, dev, "test")
+    queries, query_y = gather_uneven(test_shard), gather_uneven(test_shard_y)
+    num_classes = train_loaded.num_classes or int(max(train_loaded.labels().max(), test_loaded.labels().max())) + 1
+    out: dict = {}
+    if "knn" in cfg.protocols:
+        for k in cfg.knn.ks:
+            scores = knn_predict(bank, bank_y, queries, num_classes, k=k, temperature=cfg.knn.temperature)
+            out[f"knn_top1_k{k}"] = topk_accuracy(scores.cpu(), query_y.cpu(), ks=(1,))[1]
+        out["knn_top1"] = out[f"knn_top1_k{max(cfg.knn.ks)}"]  # the headline number: the largest k
+    if "linear" in cfg.protocols or "semi" in cfg.protocols:
+        all_bank, all_bank_y = gather_uneven(bank).cpu(), gather_uneven(bank_y).cpu()
+    if "linear" in cfg.protocols:
+        from eval.linear import linear_probe
+
+        out.update(linear_probe(all_bank, all_bank_y, queries.cpu(), query_y.cpu(), num_classes,
+                                tuple(cfg.linear.weight_decays), cfg.linear.val_fraction, cfg.linear.max_iter,
+                                cfg.seed))
+    if "semi" in cfg.protocols:
+        from eval.semi import finetune
+
+        mean, std = cand.mean_std()
+        transform = eval_transform(cand.image_size, mean, std, eval_crop_pct(AugmentConfig(), cand.image_size))
+
+        def test_batches():
+            for batch in shard_batches(test_loaded, transform, cfg.batch_size, with_labels=True):
+                yield batch["images"], batch["labels"]
+
+        for fraction in cfg.semi.fractions:
+            top1 = finetune(cand.encoder.backbone, cand.encoder.backbone.num_features, train_loaded, test_batches,
+                            num_classes, fraction, cand.image_size, mean, std, dev, cfg.semi.epochs, cfg.semi.lr,
+                            cfg.semi.batch_size, cfg.seed)
+            out[f"semi_{round(fraction * 100):g}pct_top1"] = top1
+    return out
+
+
+# --------------------------------------------------------------------------- report
+def write_report(results: dict, output_dir: str) -> None:
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    rows = [("checkpoint", results)] + list(results.get("_baselines", {}).items())
+    metrics = sorted({m for _, res in rows for ds, v in res.items() if not ds.startswith("_")
+                      for m, x in v.items() if isinstance(x, float)})
+    lines = ["| dataset | model | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for model, res in rows:
+        for ds, values in res.items():
+            if ds.startswith("_"):
+                continue
+            cells = [f"{100 * values[m]:.2f}" if m in values else "" for m in metrics]
+            lines.append(f"| {ds} | {model} | " + " | ".join(cells) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values = [], []
+    for model, res in rows:
+        for ds, vals in res.items():
+            if not ds.startswith("_"):
+                for m in ("knn_top1", "linear_top1"):
+                    if m in vals:
+                        labels.append(f"{ds}\n{model}\n{m}")
+                        values.append(100 * vals[m])
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(values)), 3.5))
+    ax.bar(range(len(values)), values)
+    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.set_ylabel("top-1 (%)")
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=100)
+    plt.close(fig)
+
+
+def export_backbone(checkpoint: str, out_path: str) -> None:
+    """The backbone as a timm-compatible safetensors file (no projection head)."""
+    from safetensors.torch import save_file
+
+    cand = _from_checkpoint(checkpoint, EvalSuiteConfig())
+    state = {k: v.contiguous() for k, v in cand.encoder.backbone.state_dict().items()}
+    save_file(state, out_path)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "export":
+        parser = argparse.ArgumentParser(description="Export a checkpoint's backbone for timm.")
+        parser.add_argument("--checkpoint", required=True)
+        parser.add_argument("--out", required=True)
+        args = parser.parse_args(argv[1:])
+        export_backbone(args.checkpoint, args.out)
+        print(f"wrote {args.out}")
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--local_rank", type=int, default=-1)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    cfg = load_suite_config(args.config, args.overrides)
+    init_distributed(timeout_s=600)
+    dev = device()
+    main_cand = (_from_safetensors if args.checkpoint.endswith(".safetensors") else _from_checkpoint)(
+        args.checkpoint, cfg)
+    results: dict = {}
+    for name, entry in cfg.datasets.items():
+        results[name] = evaluate(main_cand, entry, cfg, dev)
+        log.info("%s / checkpoint: %s", name, results[name])
+    for spec in cfg.baselines:
+        cand = _baseline(spec, main_cand, cfg)
+        results.setdefault("_baselines", {})[spec] = {name: evaluate(cand, entry, cfg, dev)
+                                                      for name, entry in cfg.datasets.items()}
+        log.info("baseline %s: %s", spec, results["_baselines"][spec])
+    if is_main():
+        write_report(results, cfg.output_dir)
+        print((Path(cfg.output_dir) / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
