@@ -34,6 +34,17 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _memory_now(device) -> float:
+    """MB in use: process RSS on CPU, allocated device memory on an accelerator."""
+    return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else _rss_mb()
+
+
+def _memory_peak(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _make_step(variant, n_total, dim, batch_global, rank, world, chunk, autocast_dtype, device):
     b_local = batch_global // world
     gen = torch.Generator().manual_seed(rank)
@@ -41,9 +52,10 @@ def _make_step(variant, n_total, dim, batch_global, rank, world, chunk, autocast
     ids = torch.randint(0, n_total, (b_local,), generator=gen).to(device)
     start, end = shard_range(n_total, world, rank)
     if variant == "gemm3":
-        f_all = torch.randn(batch_global, dim, device=device)
-        w = torch.randn(end - start, dim, device=device)
-        z = torch.empty(batch_global, end - start, device=device)
+        dtype = autocast_dtype or torch.float32  # the bare GEMMs in the autocast dtype
+        f_all = torch.randn(batch_global, dim, device=device, dtype=dtype)
+        w = torch.randn(end - start, dim, device=device, dtype=dtype)
+        z = torch.empty(batch_global, end - start, device=device, dtype=dtype)
         gf, gw = torch.empty_like(f_all), torch.empty_like(w)
 
         def step():
@@ -79,10 +91,12 @@ def _worker(rank, world, store, variant, n_total, args, out_path):
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(minutes=10))
-    device = torch.device(args.device)
+    device = torch.device(args.device, rank) if args.device == "cuda" else torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dtype = torch.bfloat16 if args.bf16 else None
     step = _make_step(variant, n_total, args.dim, args.batch, rank, world, args.chunk, dtype, device)
-    rss_before = _rss_mb()  # weights and inputs exist; buffers a step allocates count as extra
+    mem_before = _memory_now(device)  # weights and inputs exist; buffers a step allocates count as extra
     step()  # warm-up (also allocates the buffers kept across steps)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
@@ -93,8 +107,7 @@ def _worker(rank, world, store, variant, n_total, args, out_path):
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    stats = torch.tensor([statistics.median(times), min(times), max(times), peak, rss_before])
+    stats = torch.tensor([statistics.median(times), min(times), max(times), _memory_peak(device), mem_before])
     gathered = [torch.zeros_like(stats) for _ in range(world)]
     dist.all_gather(gathered, stats)
     if rank == 0:
@@ -135,7 +148,8 @@ def main():
 
     print(f"ranks={args.ranks} threads/rank={args.threads} B_global={args.batch} D={args.dim} "
           f"chunk={args.chunk} steps={args.steps} device={args.device} bf16={args.bf16}\n")
-    print("| N | variant | ms/step median (min-max) | x 3-GEMM | peak RSS MB/rank | peak extra MB/rank |")
+    memory = "device memory" if args.device != "cpu" else "RSS"
+    print(f"| N | variant | ms/step median (min-max) | x 3-GEMM | peak {memory} MB/rank | peak extra MB/rank |")
     print("|---|---|---|---|---|---|")
     for n_total in args.sizes:
         gemm = None
@@ -149,8 +163,9 @@ def main():
                 continue
             gemm = r["median"] if variant == "gemm3" else gemm
             ratio = f"{r['median'] / gemm:.2f}" if gemm else "-"
-            print(f"| {n_total:,} | {LABELS[variant]} | {r['median'] * 1e3:.0f} ({r['min'] * 1e3:.0f}-"
-                  f"{r['max'] * 1e3:.0f}) | {ratio} | {r['peak_mb']:.0f} | {r['extra_mb']:.0f} |", flush=True)
+            ms = [f"{r[k] * 1e3:.{1 if r['median'] < 0.1 else 0}f}" for k in ("median", "min", "max")]
+            print(f"| {n_total:,} | {LABELS[variant]} | {ms[0]} ({ms[1]}-{ms[2]}) | {ratio} | {r['peak_mb']:.0f} | "
+                  f"{r['extra_mb']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

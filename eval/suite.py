@@ -100,9 +100,23 @@ def load_suite_config(path: str | None, overrides: list[str]) -> EvalSuiteConfig
     unknown = set(cfg.protocols) - {"knn", "linear", "semi"}
     if unknown:
         raise ConfigError(f"protocols: unknown {sorted(unknown)}; choose from knn, linear, semi")
-    if not cfg.datasets:
-        raise ConfigError("no datasets configured (datasets: {name: {train: ..., test: ...}})")
     return cfg
+
+
+def default_datasets(cfg: EvalSuiteConfig, checkpoint: str) -> None:
+    """No datasets configured: use the run's own kNN-monitor pair (eval.train / eval.test)."""
+    if cfg.datasets:
+        return
+    ckpt = find_checkpoint(checkpoint, "auto") if (Path(checkpoint) / "checkpoints").is_dir() else Path(checkpoint)
+    meta = ckpt / "meta.json" if ckpt is not None else None
+    if meta is not None and meta.is_file():
+        run_eval = json.loads(meta.read_text())["config"].get("eval", {})
+        if run_eval.get("train") and run_eval.get("test"):
+            cfg.datasets["monitor"] = DatasetEntry(run_eval["train"], run_eval["test"], run_eval.get("limit_train"),
+                                                   run_eval.get("limit_test"))
+            return
+    raise ConfigError("no datasets configured (datasets: {name: {train: ..., test: ...}}) and the run has no "
+                      "eval.train / eval.test pair to fall back on")
 
 
 # --------------------------------------------------------------------------- models
@@ -282,6 +296,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = load_suite_config(args.config, args.overrides)
+    default_datasets(cfg, args.checkpoint)
     init_distributed(timeout_s=600)
     dev = device()
     main_cand = (_from_safetensors if args.checkpoint.endswith(".safetensors") else _from_checkpoint)(

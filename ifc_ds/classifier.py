@@ -146,9 +146,12 @@ class _LossSpec:
     world_size: int
 
 
-def _block_size(batch: int, chunk_size: int | None) -> int:
-    """Classes per block: ``chunk_size`` in memory-lean mode, otherwise ~2 MB of fp32 logits, so
-    each block's exp / sum / top-K run while the GEMM's output is still in cache."""
+def _block_size(batch: int, chunk_size: int | None, device: torch.device) -> int:
+    """Classes per block. On CPU ~2 MB of fp32 logits, so each block's exp / sum / top-K run while the
+    GEMM's output is still in cache (and ``chunk_size`` caps it in memory-lean mode). On an
+    accelerator the whole shard, or ``chunk_size``: there, small blocks only add kernel launches."""
+    if device.type != "cpu":
+        return chunk_size or (1 << 62)
     cache_block = max(256, (1 << 19) // max(batch, 1))
     return min(chunk_size, cache_block) if chunk_size else cache_block
 
@@ -407,7 +410,7 @@ class ShardedInstanceClassifier(nn.Module):
                 temperature=self.temperature, row_start=self.row_start, smoothing_k=smoothing,
                 smoothing_eps=smoothing_eps if smoothing else 0.0,
                 search_k=smoothing or (1 if self.track_accuracy else 0),
-                block=_block_size(layout.total, self.chunk_size),
+                block=_block_size(layout.total, self.chunk_size, features.device),
                 keep_logits=self.chunk_size is None and needs_backward and not self._workspace.get("busy"),
                 group=self.group, world_size=self.world_size)
             loss, accuracy = _ShardedSoftmaxCrossEntropy.apply(features_all, self.weight, ids_all, spec,

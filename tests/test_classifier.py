@@ -18,7 +18,7 @@ def reference_loss(features_all, weight_full, ids_all, temperature, k, eps):
         others = logits.detach().clone()
         others[torch.arange(len(ids_all)), ids_all] = float("-inf")
         top = others.topk(k, dim=1).indices
-        targets.scatter_add_(1, top, torch.full(top.shape, eps / k))
+        targets.scatter_add_(1, top, torch.full(top.shape, eps / k, device=top.device))
     return F.cross_entropy(logits, targets)
 
 
@@ -151,3 +151,28 @@ def test_workspace_reuse_gives_same_result():
     with torch.no_grad():  # no backward follows: the buffer must not stay claimed
         clf(feats, ids)
     assert not clf._workspace.get("busy")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_matches_reference_on_cuda_with_bf16_features():
+    """World size 1 on the GPU: bf16 features under autocast; the layer computes in fp32, so the
+    reference is fp32 math on the same bf16-rounded features."""
+    dev = torch.device("cuda")
+    for case_no, (k, eps, chunk, temp) in enumerate(CASES):
+        _, feats, ids, weight = make_case(1, seed=case_no)
+        feats = feats.to(dev, torch.bfloat16)
+        clf = ShardedInstanceClassifier(N, D, temperature=temp, chunk_size=chunk).to(dev)
+        with torch.no_grad():
+            clf.weight.copy_(weight)
+        mine = feats.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = clf(mine, ids.to(dev), smoothing_k=k, smoothing_eps=eps)
+        loss.backward()
+        ref_feats = feats.float().clone().requires_grad_()
+        ref_w = weight.to(dev).clone().requires_grad_()
+        ref = reference_loss(ref_feats, ref_w, ids.to(dev), temp, k, eps)
+        ref.backward()
+        msg = f"cuda case {case_no} (k={k}, eps={eps}, chunk={chunk}, T={temp})"
+        assert_close_rel(loss.detach(), ref.detach(), msg)
+        assert_close_rel(mine.grad.float(), ref_feats.grad, msg, rel=1e-2)  # the grad is returned in bf16
+        assert_close_rel(clf.weight.grad, ref_w.grad, msg)
