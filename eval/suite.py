@@ -4,9 +4,10 @@
     deepspeed --num_gpus 2 eval/suite.py --checkpoint out/cifar10 --config ...   # features data-parallel
     python eval/suite.py export --checkpoint out/cifar10 --out backbone.safetensors
 
-``--checkpoint`` takes a run's output_dir (its newest checkpoint), a checkpoint folder, or an exported
-``.safetensors`` file (with ``model.name=...``). Baselines (``baselines: [random, timm:<name>]``) are
-evaluated side by side. Writes ``results.json``, ``results.md`` and ``results.png`` in ``output_dir``.
+``--checkpoint`` takes a run's output_dir (its newest checkpoint), a checkpoint folder, an exported
+``.safetensors`` file (with ``model.name=...``), or ``random`` (an untrained ``model``).
+Baselines (``baselines: [random, timm:<name>]``) are evaluated side by side. Writes ``results.json``,
+``results.md`` and ``results.png`` in ``output_dir``.
 """
 
 from __future__ import annotations
@@ -296,11 +297,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = load_suite_config(args.config, args.overrides)
-    default_datasets(cfg, args.checkpoint)
+    if args.checkpoint != "random":
+        default_datasets(cfg, args.checkpoint)
     init_distributed(timeout_s=600)
     dev = device()
-    main_cand = (_from_safetensors if args.checkpoint.endswith(".safetensors") else _from_checkpoint)(
-        args.checkpoint, cfg)
+    if args.checkpoint == "random":  # an untrained `model` (e.g. the random-init reference row)
+        torch.manual_seed(cfg.seed)
+        size = cfg.image_size or 224
+        main_cand = Candidate("random", InstanceEncoder(cfg.model, size), cfg.model, f"random:{cfg.seed}:{cfg.model}",
+                              size)
+    else:
+        loader = _from_safetensors if args.checkpoint.endswith(".safetensors") else _from_checkpoint
+        main_cand = loader(args.checkpoint, cfg)
     results: dict = {}
     for name, entry in cfg.datasets.items():
         results[name] = evaluate(main_cand, entry, cfg, dev)

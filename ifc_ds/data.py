@@ -130,6 +130,14 @@ def _load_raw(spec: DatasetSpec):
         raise spec.error(f"cannot load: {type(exc).__name__}: {first}") from None
 
 
+def _match_files(spec: DatasetSpec) -> list[str]:
+    root, pattern = (Path("/"), spec.path.lstrip("/")) if spec.path.startswith("/") else (Path("."), spec.path)
+    files = sorted(str(p) for p in root.glob(pattern))
+    if not files:
+        raise spec.error(f"no file matches '{spec.path}'")
+    return files
+
+
 def _load_raw_unchecked(spec: DatasetSpec):
     import datasets
 
@@ -141,11 +149,7 @@ def _load_raw_unchecked(spec: DatasetSpec):
         ds = _embedded_digits()
         return ds.to_iterable_dataset() if stream else ds
     if spec.kind in ("parquet", "arrow"):
-        files = sorted(str(p) for p in Path("/").glob(spec.path.lstrip("/"))) if spec.path.startswith("/") \
-            else sorted(str(p) for p in Path(".").glob(spec.path))
-        if not files:
-            raise spec.error(f"no file matches '{spec.path}'")
-        return datasets.load_dataset(spec.kind, data_files={split: files}, split=split, streaming=stream)
+        return datasets.load_dataset(spec.kind, data_files={split: _match_files(spec)}, split=split, streaming=stream)
     if spec.kind == "imagefolder":
         if not Path(spec.path).is_dir():
             raise spec.error(f"folder '{spec.path}' does not exist")
@@ -218,7 +222,8 @@ def load_dataset(spec: str | DatasetSpec, limit: int | None = None, streaming: b
     if label_col is not None and isinstance(ds.features[label_col], datasets.ClassLabel):
         num_classes = ds.features[label_col].num_classes
     if spec.streaming:
-        ds = ds.map(lambda row, idx: {"instance_id": idx}, with_indices=True)
+        ds = ds.skip(spec.start) if spec.start else ds
+        ds = ds.map(lambda row, idx: {"instance_id": idx}, with_indices=True)  # stream position = id
         n = num_instances or _stream_length(spec, ds)
         if spec.limit is not None:
             ds, n = ds.take(spec.limit), min(n, spec.limit)
@@ -232,6 +237,11 @@ def load_dataset(spec: str | DatasetSpec, limit: int | None = None, streaming: b
 
 
 def _stream_length(spec: DatasetSpec, ds) -> int:
+    """N of a stream: parquet footers, else the dataset's split metadata, else ``limit``."""
+    if spec.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in _match_files(spec)) - spec.start
     splits = getattr(ds.info, "splits", None) or {}
     split = splits.get(spec.split or "train") if hasattr(splits, "get") else None
     if split is not None and split.num_examples:
@@ -354,6 +364,45 @@ class InstanceBatchSampler(torch.utils.data.Sampler):
                 "num_instances": self.num_instances}
 
 
+class StreamShard(torch.utils.data.IterableDataset):
+    """This rank's part of a streaming dataset for one epoch: shuffled with a seeded buffer, split
+    over ranks by ``datasets.distributed.split_dataset_by_node``, decoded and transformed. Yields
+    ``(image, instance id, skipped-before flag)``; undecodable rows are skipped and flagged.
+    ``skip`` drops the first samples (a mid-epoch resume with the same world size replays the same
+    order, so skipping what was consumed continues exactly)."""
+
+    def __init__(self, loaded: LoadedDataset, transform, rank: int, world_size: int, seed: int = 0, epoch: int = 0,
+                 shuffle_buffer: int = 10_000, skip: int = 0):
+        if loaded.stream is None:
+            raise ValueError("StreamShard needs a streaming dataset (streaming=True)")
+        self.loaded, self.transform, self.rank, self.world_size = loaded, transform, rank, world_size
+        self.seed, self.epoch, self.shuffle_buffer, self.skip = seed, epoch, shuffle_buffer, skip
+
+    def rows(self):
+        from datasets.distributed import split_dataset_by_node
+
+        stream = self.loaded.stream
+        if self.shuffle_buffer:
+            stream = stream.shuffle(seed=self.seed * 100_003 + self.epoch, buffer_size=self.shuffle_buffer)
+        return split_dataset_by_node(stream, rank=self.rank, world_size=self.world_size)
+
+    def __iter__(self):
+        skipped, seen = False, 0
+        column = self.loaded.image_column
+        for row in self.rows():
+            try:
+                image = decode_image(row[column])
+            except Exception as exc:
+                log.debug("instance %s undecodable: %s", row.get("instance_id"), exc)
+                skipped = True
+                continue
+            seen += 1
+            if seen <= self.skip:
+                continue
+            yield self.transform(image), int(row["instance_id"]), skipped
+            skipped = False
+
+
 def default_num_workers(local_world_size: int) -> int:
     """Spare cores per rank, at most 8; 0 (decode in the main process) when there are none."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -367,3 +416,77 @@ def make_loader(dataset, batch_sampler=None, batch_size: int | None = None, num_
     return torch.utils.data.DataLoader(
         dataset, **batching, num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate, generator=gen,
         prefetch_factor=4 if num_workers else None)
+
+
+# --------------------------------------------------------------------------- epochs for the trainer
+class MapEpochs:
+    """Epochs over a map-style dataset: ``batches(epoch, offset)`` yields ``(start, end, batch)``, the
+    positions ``[start, end)`` of the epoch order that the global step covers, and this rank's batch."""
+
+    def __init__(self, dataset: InstanceDataset, sampler: InstanceBatchSampler, num_workers: int, pin_memory: bool,
+                 seed: int):
+        self.dataset, self.sampler = dataset, sampler
+        self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
+        self.steps_per_epoch = len(sampler)
+
+    def remaining_steps(self, epoch: int, offset: int) -> int:
+        self.sampler.set_position(epoch, offset)
+        return len(self.sampler.bounds())
+
+    def batches(self, epoch: int, offset: int):
+        self.sampler.set_position(epoch, offset)
+        bounds = self.sampler.bounds()
+        loader = make_loader(self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers,
+                             pin_memory=self.pin_memory, seed=self.seed + epoch)
+        for (start, end), batch in zip(bounds, loader):
+            yield start, end, batch
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+
+def lockstep(iterator, device, until: str = "all"):
+    """Yields ``next(iterator)`` (None once it is exhausted) in lockstep with the other ranks, whose
+    shards may differ in length: ``until="all"`` stops once every rank is done (the others get None:
+    collectives that accept empty inputs), ``"any"`` as soon as one rank is done."""
+    import torch.distributed as dist
+
+    op = dist.ReduceOp.MIN if until == "any" else dist.ReduceOp.MAX
+    while True:
+        item = next(iterator, None)
+        flag = torch.tensor([0 if item is None else 1], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=op)
+        if not int(flag.item()):
+            return
+        yield item
+
+
+class StreamEpochs:
+    """Epochs over a streaming dataset: each rank reads its ``split_dataset_by_node`` part; a step
+    needs a batch on every rank, so the epoch ends when the first rank runs out (the few rows left on
+    the others are the only ones not seen that epoch)."""
+
+    def __init__(self, loaded: LoadedDataset, transform, global_batch: int, rank: int, world_size: int, seed: int,
+                 num_workers: int, device):
+        self.loaded, self.transform, self.global_batch = loaded, transform, global_batch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_workers, self.device = num_workers, device
+        self.steps_per_epoch = max(1, loaded.num_instances // global_batch)
+
+    def remaining_steps(self, epoch: int, offset: int) -> int:
+        return max(0, self.steps_per_epoch - offset // self.global_batch)
+
+    def batches(self, epoch: int, offset: int):
+        per_rank = self.global_batch // self.world_size
+        shard = StreamShard(self.loaded, self.transform, self.rank, self.world_size, self.seed, epoch,
+                            skip=(offset // self.global_batch) * per_rank)
+        loader = torch.utils.data.DataLoader(shard, batch_size=per_rank, collate_fn=collate,
+                                             num_workers=self.num_workers, drop_last=True)
+        start = offset
+        for batch in lockstep(iter(loader), self.device, until="any"):
+            yield start, start + self.global_batch, batch
+            start += self.global_batch
+
+    def state_dict(self) -> dict:
+        return {"streaming": True, "seed": self.seed, "global_batch": self.global_batch}

@@ -17,7 +17,17 @@ from ifc_ds.augment import eval_crop_pct, eval_transform, train_transform
 from ifc_ds.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, seed_everything
 from ifc_ds.classifier import ShardedInstanceClassifier
 from ifc_ds.config import Config, save_config
-from ifc_ds.data import InstanceBatchSampler, InstanceDataset, default_num_workers, load_dataset, make_loader
+from ifc_ds.data import (
+    InstanceBatchSampler,
+    InstanceDataset,
+    MapEpochs,
+    StreamEpochs,
+    StreamShard,
+    default_num_workers,
+    load_dataset,
+    lockstep,
+    make_loader,
+)
 from ifc_ds.dist import all_reduce_sum, device, init_distributed, is_main, local_world_size, rank, world_size
 from ifc_ds.engine import build_engines, current_lr, optimizer_step, train_step
 from ifc_ds.features import extract_features, shard_batches
@@ -89,10 +99,20 @@ def _subset(loaded, rows):
 
 
 def _feature_pass(engines, loaded, transform, dev, num_workers):
-    """For raw-feature init: (features [b, D] from the initial network, ids [b]) over this rank's share."""
+    """For raw-feature init: (features [b, D] from the initial network, ids [b]) over this rank's share,
+    the same number of batches on every rank (a streaming shard that ends early yields empty ones)."""
 
     def run(batch_size: int):
-        for batch in shard_batches(loaded, transform, batch_size, num_workers):
+        if loaded.stream is not None:
+            shard = StreamShard(loaded, transform, rank(), world_size(), shuffle_buffer=0)
+            batches = lockstep(iter(make_loader(shard, batch_size=batch_size)), dev, until="all")
+        else:
+            batches = shard_batches(loaded, transform, batch_size, num_workers)
+        for batch in batches:
+            if batch is None:
+                yield torch.zeros(0, engines.backbone.module.head[-1].out_features, device=dev), \
+                    torch.zeros(0, dtype=torch.int64, device=dev)
+                continue
             images = batch["images"].to(dev, engines.dtype())
             yield engines.backbone.module(images).float(), batch["ids"].to(dev)
     return run
@@ -109,9 +129,8 @@ def run(cfg: Config) -> int:
 
         get_accelerator().set_device(dev.index or 0)
 
-    loaded = load_dataset(cfg.data.train, limit=cfg.data.limit, streaming=cfg.data.streaming)
-    if loaded.table is None:
-        raise NotImplementedError("pretraining on a streaming dataset: see the README (index it with save_to_disk)")
+    loaded = load_dataset(cfg.data.train, limit=cfg.data.limit, streaming=cfg.data.streaming,
+                          num_instances=cfg.data.num_instances)
     n = loaded.num_instances
     mean, std = data_config(cfg.model.name)
     num_workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_num_workers(local_world_size())
@@ -120,10 +139,14 @@ def run(cfg: Config) -> int:
     classifier = ShardedInstanceClassifier(n, cfg.model.dim, cfg.classifier.temperature,
                                            chunk_size=cfg.classifier.chunk_size).to(dev)
     global_batch = cfg.train.batch_size * world
-    sampler = InstanceBatchSampler(n, global_batch, rank(), world, seed=cfg.seed)
-    steps_per_epoch = len(sampler)
+    views = train_transform(cfg.augment, cfg.data.image_size, mean, std)
+    if loaded.stream is not None:
+        epochs = StreamEpochs(loaded, views, global_batch, rank(), world, cfg.seed, num_workers, dev)
+    else:
+        sampler = InstanceBatchSampler(n, global_batch, rank(), world, cfg.seed)
+        epochs = MapEpochs(InstanceDataset(loaded, views), sampler, num_workers, dev.type == "cuda", cfg.seed)
+    steps_per_epoch = epochs.steps_per_epoch
     engines = build_engines(cfg, encoder, classifier, steps_per_epoch, world)
-    train_ds = InstanceDataset(loaded, train_transform(cfg.augment, cfg.data.image_size, mean, std))
     init_transform = eval_transform(cfg.data.image_size, mean, std, eval_crop_pct(cfg.augment, cfg.data.image_size))
     hooks = build_hooks(cfg, _feature_pass(engines, loaded, init_transform, dev, num_workers))
     state = TrainState(engines=engines, classifier=classifier, num_instances=n, steps_per_epoch=steps_per_epoch)
@@ -148,7 +171,7 @@ def run(cfg: Config) -> int:
     def trainer_state() -> dict:
         return {"step": state.step, "epoch": state.epoch, "offset": offset, "hooks": [h.state_dict() for h in hooks],
                 "classifier_lr_scheduler": engines.classifier.lr_scheduler.state_dict(), "evals": evals,
-                "bad_images": bad_images, "sampler": sampler.state_dict()}
+                "bad_images": bad_images, "sampler": epochs.state_dict()}
 
     def checkpoint() -> None:
         save_checkpoint(cfg.output_dir, state.step, engines, trainer_state(), cfg, cfg.checkpoint.keep_last)
@@ -167,8 +190,7 @@ def run(cfg: Config) -> int:
     stop = StopSignal()
     # the budget is epochs: what remains of this one plus the rest (a resume on another global batch
     # has other step boundaries), then the LR schedule spans exactly these steps
-    sampler.set_position(state.epoch, offset)
-    remaining = len(sampler.bounds()) if offset else 0
+    remaining = epochs.remaining_steps(state.epoch, offset) if offset else 0
     remaining += (cfg.train.epochs - state.epoch - (1 if offset else 0)) * steps_per_epoch
     total_steps = state.step + max(0, remaining)
     engines.schedule["total"] = max(1, total_steps)
@@ -179,15 +201,11 @@ def run(cfg: Config) -> int:
     exit_code = EXIT_OK
     try:
         while state.step < last_step and state.epoch < cfg.train.epochs and exit_code == EXIT_OK:
-            sampler.set_position(state.epoch, offset)
-            bounds = sampler.bounds()
             if offset == 0:
                 for hook in hooks:
                     hook.on_epoch_start(state)
-            loader = make_loader(train_ds, batch_sampler=sampler, num_workers=num_workers,
-                                 pin_memory=dev.type == "cuda", seed=cfg.seed + state.epoch)
-            epoch_bad = 0
-            for (start, end), batch in zip(bounds, loader):
+            epoch_bad, epoch_done = 0, False
+            for start, end, batch in epochs.batches(state.epoch, offset):
                 state.batch = batch
                 log_now = (state.step + 1) % cfg.train.log_every == 0 or state.step + 1 == last_step
                 classifier.track_accuracy = log_now
@@ -231,6 +249,8 @@ def run(cfg: Config) -> int:
                     checkpoint()
                 if state.step >= last_step:
                     break
+            else:
+                epoch_done = True
             if exit_code != EXIT_OK:
                 break
             epoch_bad = int(all_reduce_sum(torch.tensor([epoch_bad], device=dev)).item())
@@ -238,7 +258,7 @@ def run(cfg: Config) -> int:
             if epoch_bad:
                 log.warning("epoch %d: %d undecodable images were replaced by the next valid row", state.epoch,
                             epoch_bad)
-            if offset >= n:  # epoch finished
+            if epoch_done or offset >= n:
                 state.epoch, offset = state.epoch + 1, 0
                 if cfg.eval.every_epochs and state.epoch % cfg.eval.every_epochs == 0 and state.step < last_step:
                     evaluate()

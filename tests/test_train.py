@@ -207,3 +207,36 @@ def test_nonfinite_loss_guard(tmp_path):
     good = find_checkpoint(str(out), "auto")
     assert good.name == "step_00000003"  # the end of epoch 1, before the bad steps
     assert torch.isfinite(rows(good)["weight"]).all()
+
+
+def test_lazy_raw_init_no_smoothing_tensorboard(tmp_path):
+    out = tmp_path / "run"
+    ok(run_ranks(2, [f"output_dir={out}", "hooks.raw_init.mode=lazy", "hooks.smoothing.enabled=false",
+                     "log.tensorboard=true", "train.epochs=1"], tmp_path / "logs"), tmp_path / "logs")
+    assert list((out / "tensorboard").glob("events.*"))
+    state = torch.load(find_checkpoint(str(out), "auto") / "trainer" / "state.pt", weights_only=False)
+    assert state["hooks"][0]["seen"].all()  # after one epoch every row was initialised on first sight
+    assert all(m["smoothing_eps"] == 0.0 for m in metrics(out))
+
+
+def test_hooks_disabled(tmp_path):
+    out = tmp_path / "run"
+    ok(run_ranks(1, [f"output_dir={out}", "hooks.raw_init.enabled=false", "hooks.smoothing.enabled=false",
+                     "train.batch_size=16", "train.max_steps=2"], tmp_path / "logs"), tmp_path / "logs")
+    log = (tmp_path / "logs" / "rank0.log").read_text()
+    assert "hooks: none" in log and "raw-feature init" not in log
+
+
+def test_streaming_pretraining(tmp_path):
+    import datasets
+
+    from ifc_ds.data import load_dataset
+
+    digits = load_dataset("sklearn:digits", limit=48).table
+    digits.cast_column("image", datasets.Image()).to_parquet(str(tmp_path / "d.parquet"))
+    out = tmp_path / "run"
+    ok(run_ranks(2, [f"output_dir={out}", f"data.train=parquet:{tmp_path}/d.parquet", "data.streaming=true",
+                     "data.limit=null", "data.num_instances=48"], tmp_path / "logs"), tmp_path / "logs")
+    m = metrics(out)
+    assert m[-1]["epoch"] == 2.0 and len(m) == 6  # 48 // 16 = 3 steps per epoch
+    assert torch.isfinite(rows(find_checkpoint(str(out), "auto"))["weight"]).all()
