@@ -181,6 +181,10 @@ def _coerce(value, hint, key: str):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if hint is list or origin is list:
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
     if hint is dict or origin is dict:
         if isinstance(value, dict):
             return value
