@@ -8,12 +8,14 @@ the DeepSpeed flags (--deepspeed_config, --local_rank, ...) are accepted as well
 """
 
 import argparse
+import logging
+import os
 import sys
 
 import deepspeed
 
 from ifc_ds.config import load_config
-from ifc_ds.trainer import finish, run
+from ifc_ds.trainer import EXIT_PEER_LOST, finish, is_peer_failure, run
 
 
 def parse_args(argv=None):
@@ -30,7 +32,17 @@ def main(argv=None) -> int:
     overrides = list(args.overrides)
     if getattr(args, "deepspeed_config", None):
         overrides.append(f"train.ds_config={args.deepspeed_config}")
-    return finish(run(load_config(args.config, overrides)))
+    cfg = load_config(args.config, overrides)
+    try:
+        return finish(run(cfg))
+    except RuntimeError as exc:
+        if not is_peer_failure(exc):
+            raise
+        logging.getLogger("ifc_ds").error(
+            "a peer rank died or a collective timed out (dist.timeout_s=%s); restart with resume=auto to continue "
+            "from the last complete checkpoint in %s/checkpoints. (%s)", cfg.dist.timeout_s, cfg.output_dir,
+            str(exc).splitlines()[0][:300])
+        os._exit(EXIT_PEER_LOST)  # tearing down a broken process group can itself hang
 
 
 if __name__ == "__main__":

@@ -41,6 +41,16 @@ log = logging.getLogger("ifc_ds")
 EXIT_OK = 0
 EXIT_PREEMPTED = 75  # checkpointed on SIGTERM/SIGUSR1: requeue and resume (EX_TEMPFAIL)
 EXIT_NONFINITE = 65  # too many consecutive non-finite losses; the last good checkpoint is intact
+EXIT_PEER_LOST = 69  # another rank died or a collective timed out (EX_UNAVAILABLE)
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """A collective failed because a peer is gone (gloo: connection closed/reset) or timed out."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out",
+                                   "NCCL", "ProcessGroupGloo"))
 
 
 class StopSignal:

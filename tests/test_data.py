@@ -214,3 +214,23 @@ def test_streaming_shards_cover_every_instance_once(sources):
     stream_pixels = {s[1]: int(s[0][0, 0, 0]) for s in StreamShard(
         loaded, transform=lambda im: torch.from_numpy(np.asarray(im)).permute(2, 0, 1), rank=0, world_size=1)}
     assert stream_pixels == {i: _pixel(table, i) for i in range(12)}
+
+
+def test_augment_preview_png(tmp_path):
+    from ifc_ds.augment import main
+
+    out = tmp_path / "views.png"
+    main(["--data", "sklearn:digits", "--out", str(out), "--images", "3", "--views", "4"])
+    image = Image.open(out)
+    assert image.size == (4 * 34 + 2, 3 * 34 + 2)  # 4 views x 3 images of 32x32 with 2-pixel padding
+
+
+def test_train_and_eval_transforms():
+    from ifc_ds.augment import eval_transform, train_transform
+    from ifc_ds.config import AugmentConfig
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    view = train_transform(AugmentConfig(blur_p=1.0), 32, (0.5,) * 3, (0.5,) * 3)(img)
+    assert view.shape == (3, 32, 32) and view.dtype == torch.float32
+    a = eval_transform(32, (0.5,) * 3, (0.5,) * 3, 1.0)(img)
+    assert a.shape == (3, 32, 32) and torch.equal(a, eval_transform(32, (0.5,) * 3, (0.5,) * 3, 1.0)(img))

@@ -14,7 +14,7 @@ import torch
 
 from ifc_ds.checkpoint import CheckpointError, check_compatible, find_checkpoint
 from ifc_ds.config import load_config
-from ifc_ds.trainer import EXIT_NONFINITE, EXIT_PREEMPTED
+from ifc_ds.trainer import EXIT_NONFINITE, EXIT_PEER_LOST, EXIT_PREEMPTED
 from tests._launch import REPO, TINY, logs, run_ranks, start_ranks, wait_ranks
 
 
@@ -106,6 +106,21 @@ def test_elastic_resume_from_two_ranks(tmp_path, reference, new_world):
     assert metrics(out)[-1]["epoch"] == 3.0
 
 
+def test_elastic_resume_zero2_two_to_one(tmp_path):
+    """ZeRO-2 partitions the backbone's optimizer state per rank; DeepSpeed's elastic checkpoint loading
+    (zero_optimization.elastic_checkpoint) merges them for another number of ranks."""
+    out = tmp_path / "run"
+    zero2 = ["train.ds_config=ds_configs/zero2_fp32.json"]
+    ok(run_ranks(2, [f"output_dir={out}", "train.max_steps=2", *zero2], tmp_path / "a"), tmp_path / "a")
+    before = rows(find_checkpoint(str(out), "auto"))
+    ok(run_ranks(1, [f"output_dir={out}", "train.batch_size=16", "train.max_steps=3", *zero2], tmp_path / "b"),
+       tmp_path / "b")
+    assert "elastic resume: 2 -> 1 ranks" in (tmp_path / "b" / "rank0.log").read_text()
+    latest = find_checkpoint(str(out), "auto")
+    assert latest.name == "step_00000003" and torch.isfinite(rows(latest)["weight"]).all()
+    assert not torch.equal(rows(latest)["weight"], before["weight"])  # it trained on
+
+
 def test_elastic_resume_one_to_two(tmp_path):
     out = tmp_path / "run"
     ok(run_ranks(1, [f"output_dir={out}", "train.batch_size=16", "train.max_steps=2"], tmp_path / "a"), tmp_path / "a")
@@ -127,7 +142,8 @@ def test_kill_minus_nine_then_resume(tmp_path, reference):
     procs[1].send_signal(signal.SIGKILL)
     t0 = time.time()
     code = procs[0].wait(timeout=120)
-    assert code != 0 and time.time() - t0 < 60, logs(tmp_path / "a")
+    assert code == EXIT_PEER_LOST and time.time() - t0 < 60, logs(tmp_path / "a")
+    assert "a peer rank died or a collective timed out" in (tmp_path / "a" / "rank0.log").read_text()
     ok(run_ranks(2, args, tmp_path / "b"), tmp_path / "b")  # resume=auto
     assert_same_state(find_checkpoint(str(out), "auto"), find_checkpoint(str(reference), "auto"))
 
