@@ -238,7 +238,7 @@ def write_report(results: dict, output_dir: str) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     rows = [("checkpoint", results)] + list(results.get("_baselines", {}).items())
     metrics = sorted({m for _, res in rows for ds, v in res.items() if not ds.startswith("_")
-                      for m, x in v.items() if isinstance(x, float)})
+                      for m, x in v.items() if isinstance(x, float) and "top" in m})  # accuracies only
     lines = ["| dataset | model | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for model, res in rows:
         for ds, values in res.items():
