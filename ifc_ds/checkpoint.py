@@ -276,15 +276,22 @@ def load_checkpoint(path: Path, engines, cfg: Config, num_instances: int) -> dic
     if changes and is_main():
         log.info("resuming %s with config changes: %s", path, "; ".join(changes))
     same_world = meta["world_size"] == world_size()
-    engines.backbone.load_checkpoint(str(path / "engine"), tag="backbone", load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
-    load_classifier_rows(engines.classifier, path / "classifier")
     state = torch.load(path / "trainer" / "state.pt", map_location="cpu", weights_only=False)
+    if same_world or engines.backbone.zero_optimization_stage() == 0:
+        engines.backbone.load_checkpoint(str(path / "engine"), tag="backbone", load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    else:
+        # DeepSpeed refuses ZeRO-1/2 optimizer partitions saved by another data-parallel size: restore
+        # the weights and the LR schedule; the backbone's momentum starts again (the classifier's does not)
+        engines.backbone.load_checkpoint(str(path / "engine"), tag="backbone", load_module_only=True)
+        _set_schedule_step(engines.backbone.lr_scheduler, state["step"])
+        log.warning("elastic resume under ZeRO-%d: backbone weights restored, its optimizer state reset "
+                    "(DeepSpeed cannot re-partition it); classifier rows and their optimizer state restored",
+                    engines.backbone.zero_optimization_stage())
+    load_classifier_rows(engines.classifier, path / "classifier")
     scheduler = engines.classifier.lr_scheduler
     scheduler.load_state_dict(state["classifier_lr_scheduler"])
-    # LambdaLR.load_state_dict does not touch the optimizer: set the LR the next step must use
-    for group, factor, base in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
-        group["lr"] = base * factor(scheduler.last_epoch)
+    _set_schedule_step(scheduler, scheduler.last_epoch)
     rng_file = path / "trainer" / f"rank_{rank()}.pt"
     if same_world and rng_file.is_file():
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
@@ -295,6 +302,14 @@ def load_checkpoint(path: Path, engines, cfg: Config, num_instances: int) -> dic
                      meta["world_size"], world_size())
     _barrier()
     return state
+
+
+def _set_schedule_step(scheduler, step: int) -> None:
+    """Puts a LambdaLR at ``step`` and sets the optimizer's LR to match (``load_state_dict`` alone
+    leaves the optimizer's LR at its initial value for the first resumed step)."""
+    scheduler.last_epoch = step
+    for group, factor, base in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
+        group["lr"] = base * factor(step)
 
 
 def shard_ranges(num_instances: int, world: int) -> list[tuple[int, int]]:

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = ["model.name=test_resnet", "model.head_hidden=32", "model.dim=16", "data.image_size=16", "data.limit=48",
         "data.num_workers=0", "train.batch_size=8", "train.epochs=2", "train.log_every=1", "train.warmup_epochs=0.5",
         "hooks.smoothing.k=2", "hooks.smoothing.start_epoch=0.5", "hooks.smoothing.ramp_epochs=0",
-        "hooks.raw_init.batch_size=16", "eval.train=null", "log.progress=false", "dist.timeout_s=30",
+        "hooks.raw_init.batch_size=16", "eval.train=null", "log.progress=false", "dist.timeout_s=120",
         "checkpoint.every_epochs=1"]
 
 
