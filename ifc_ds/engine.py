@@ -150,6 +150,11 @@ def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_
     from deepspeed.utils import groups
 
     groups.mpu = None
+    if clf_engine.zero_optimization_stage() == 0:
+        # Without ZeRO the engine looks its data-parallel group up in that global at every backward,
+        # which is the whole world again once it is reset: switch its gradient all-reduce off (the rows
+        # are never averaged). ZeRO-1/2 keep the rank-alone group they captured at construction.
+        clf_engine.enable_backward_allreduce = False
     bb_opt = make_optimizer(cfg.train.optimizer, param_groups(encoder, cfg.train.weight_decay), lr, cfg.train.momentum)
     bb_engine, _, _, _ = deepspeed.initialize(
         model=encoder, optimizer=bb_opt, config=ds_cfg,
