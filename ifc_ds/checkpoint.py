@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ifc_ds.classifier import shard_range
 from ifc_ds.config import Config, config_to_dict
 from ifc_ds.dist import is_main, rank, world_size
 
@@ -310,7 +309,3 @@ def _set_schedule_step(scheduler, step: int) -> None:
     scheduler.last_epoch = step
     for group, factor, base in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
         group["lr"] = base * factor(step)
-
-
-def shard_ranges(num_instances: int, world: int) -> list[tuple[int, int]]:
-    return [shard_range(num_instances, world, r) for r in range(world)]
