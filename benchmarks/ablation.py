@@ -22,6 +22,7 @@ VARIANTS = {
     "no raw-feature init": ["hooks.raw_init.enabled=false"],
     "no smoothing": ["hooks.smoothing.enabled=false"],
     "neither": ["hooks.raw_init.enabled=false", "hooks.smoothing.enabled=false"],
+    "no classifier grad clip": ["train.classifier_grad_clip=0"],
 }
 
 

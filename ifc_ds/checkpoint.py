@@ -10,7 +10,8 @@ Layout of ``<output_dir>/checkpoints/step_00001234/``::
 
 A checkpoint is written into ``.tmp-step_...``, fsynced, renamed, and only then named in ``latest``
 (itself replaced atomically), so an interrupted write is never loaded and never harms the previous
-checkpoint. Loading re-shards classifier rows by global id, so P ranks can resume P' ranks' work.
+checkpoint. Loading re-shards classifier rows by global id and the backbone's ZeRO-1/2 partitions by
+parameter name (``zero_elastic``), so P ranks can resume P' ranks' work.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.distributed as dist
 
 from ifc_ds.config import Config, config_to_dict
 from ifc_ds.dist import is_main, rank, world_size
+from ifc_ds.zero_elastic import restore_zero_partitions
 
 log = logging.getLogger(__name__)
 
@@ -280,13 +282,14 @@ def load_checkpoint(path: Path, engines, cfg: Config, num_instances: int) -> dic
         engines.backbone.load_checkpoint(str(path / "engine"), tag="backbone", load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
     else:
-        # DeepSpeed refuses ZeRO-1/2 optimizer partitions saved by another data-parallel size: restore
-        # the weights and the LR schedule; the backbone's momentum starts again (the classifier's does not)
+        # DeepSpeed refuses ZeRO-1/2 optimizer partitions saved by another data-parallel size: load the
+        # module, then re-partition the fp32 weights and optimizer state by parameter name ourselves
         engines.backbone.load_checkpoint(str(path / "engine"), tag="backbone", load_module_only=True)
+        saved_dp = restore_zero_partitions(engines.backbone, path / "engine" / "backbone")
         _set_schedule_step(engines.backbone.lr_scheduler, state["step"])
-        log.warning("elastic resume under ZeRO-%d: backbone weights restored, its optimizer state reset "
-                    "(DeepSpeed cannot re-partition it); classifier rows and their optimizer state restored",
-                    engines.backbone.zero_optimization_stage())
+        if is_main():
+            log.info("elastic resume under ZeRO-%d: backbone optimizer state re-partitioned from %d to %d ranks",
+                     engines.backbone.zero_optimization_stage(), saved_dp, world_size())
     load_classifier_rows(engines.classifier, path / "classifier")
     scheduler = engines.classifier.lr_scheduler
     scheduler.load_state_dict(state["classifier_lr_scheduler"])

@@ -64,6 +64,9 @@ def backbone_ds_config(ds_config: dict, micro_batch: int, world_size: int) -> di
     cfg["gradient_accumulation_steps"] = gas
     cfg["train_batch_size"] = micro_batch * gas * world_size
     cfg.setdefault("steps_per_print", 10**9)  # ifc_ds logs itself
+    # DeepSpeed clips at norm 1.0 when the key is absent: make "no clipping" the default instead, so
+    # that switching ZeRO stage or ds_config never changes the optimisation silently
+    cfg.setdefault("gradient_clipping", 0.0)
     if stage > 0:
         cfg["zero_allow_untested_optimizer"] = True  # torch SGD / AdamW are element-wise: safe to partition
     if cfg.get("zero_optimization", {}).get("offload_optimizer"):
@@ -71,12 +74,14 @@ def backbone_ds_config(ds_config: dict, micro_batch: int, world_size: int) -> di
     return cfg
 
 
-def classifier_ds_config(backbone_cfg: dict) -> dict:
-    """The classifier engine: same ZeRO stage and offload, fp32 (cosine logits need it), no clipping,
+def classifier_ds_config(backbone_cfg: dict, grad_clip: float) -> dict:
+    """The classifier engine: same ZeRO stage and offload, fp32 (cosine logits need it), its own
+    gradient clip (the norm is taken over all shards: the engine's model-parallel group is the world),
     and a data-parallel world of one."""
     cfg = copy.deepcopy(backbone_cfg)
-    for key in ("fp16", "bf16", "amp", "torch_autocast", "gradient_clipping"):
+    for key in ("fp16", "bf16", "amp", "torch_autocast"):
         cfg.pop(key, None)
+    cfg["gradient_clipping"] = grad_clip
     cfg["train_batch_size"] = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"]
     return cfg
 
@@ -144,7 +149,7 @@ def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_
     clf_groups = [{"params": list(classifier.parameters()), "weight_decay": cfg.train.classifier_weight_decay}]
     clf_opt = make_optimizer(cfg.train.optimizer, clf_groups, lr * cfg.train.classifier_lr_scale, cfg.train.momentum)
     clf_engine, _, _, _ = deepspeed.initialize(
-        model=classifier, optimizer=clf_opt, config=classifier_ds_config(ds_cfg),
+        model=classifier, optimizer=clf_opt, config=classifier_ds_config(ds_cfg, cfg.train.classifier_grad_clip),
         lr_scheduler=torch.optim.lr_scheduler.LambdaLR(clf_opt, schedule), mpu=RankAloneMPU(),
         dist_init_required=False)
     from deepspeed.utils import groups

@@ -14,13 +14,17 @@ from tests._dist import run_ranks
 N = 33  # odd: the shards differ in size, so an all-reduce over the classifier grads could not even run
 
 
-def _two_engines(rank, world_size, ds_config):
+def _build(rank, world_size, ds_config, *overrides):
     cfg = load_config(None, ["model.name=test_resnet", "model.head_hidden=16", "model.dim=8",
-                             f"train.ds_config={ds_config}", "train.batch_size=4", "train.lr=0.5"])
+                             f"train.ds_config={ds_config}", "train.batch_size=4", "train.lr=0.5", *overrides])
     torch.manual_seed(rank)  # different init per rank: DeepSpeed must broadcast the backbone
     encoder = InstanceEncoder(cfg.model, 16)
     classifier = ShardedInstanceClassifier(N, cfg.model.dim, 0.1)
-    engines = build_engines(cfg, encoder, classifier, steps_per_epoch=4, world_size=world_size)
+    return build_engines(cfg, encoder, classifier, steps_per_epoch=4, world_size=world_size), encoder, classifier
+
+
+def _two_engines(rank, world_size, ds_config):
+    engines, encoder, classifier = _build(rank, world_size, ds_config)
     assert engines.classifier.dp_world_size == 1 and engines.backbone.dp_world_size == world_size
     start_rows = classifier.weight.detach().clone()
 
@@ -59,7 +63,23 @@ def _zero0(rank, world_size):
     _two_engines(rank, world_size, "ds_configs/zero0_fp32.json")
 
 
-@pytest.mark.parametrize("check", [_zero0, _offload], ids=["zero0", "zero2_offload"])
+def _classifier_clip(rank, world_size):
+    """train.classifier_grad_clip bounds the global norm (over both shards) of the rows' first SGD update;
+    the backbone is not clipped unless its ds_config says so."""
+    clip = 1e-3
+    engines, _, classifier = _build(rank, world_size, "ds_configs/zero0_fp32.json",
+                                    f"train.classifier_grad_clip={clip}")
+    assert engines.classifier.gradient_clipping() == clip and engines.backbone.gradient_clipping() == 0.0
+    start = classifier.full_weight().clone()
+    gen = torch.Generator().manual_seed(7 + rank)
+    train_step(engines, torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, N, (4,), generator=gen), 0, 0.0)
+    lr = engines.classifier.get_lr()[0]
+    optimizer_step(engines)
+    moved = (classifier.full_weight() - start).norm()  # first step: momentum buffer = clipped gradient
+    assert 0 < moved <= lr * clip * 1.0001, (moved, lr * clip)
+
+
+@pytest.mark.parametrize("check", [_zero0, _offload, _classifier_clip], ids=["zero0", "zero2_offload", "clip"])
 def test_two_engines_on_two_ranks(check):
     run_ranks(check, 2)
 
