@@ -1,18 +1,21 @@
 """Semi-supervised protocol: fine-tune backbone + a linear head end to end on a class-balanced
-fraction (1%, 10%) of the training labels, then top-1 on the test split."""
+fraction (1%, 10%) of the training labels (data-parallel over the ranks), then top-1 on the whole
+test split."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ifc_ds.augment import train_transform
 from ifc_ds.config import AugmentConfig
-from ifc_ds.data import InstanceDataset, make_loader
-from ifc_ds.knn import topk_accuracy
+from ifc_ds.data import InstanceBatchSampler, InstanceDataset, make_loader
+from ifc_ds.dist import rank, world_size
 
 
 def balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
@@ -27,35 +30,50 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.nd
     return np.sort(np.concatenate(picked))
 
 
-def finetune(backbone: torch.nn.Module, num_features: int, train, test_batches, num_classes: int, fraction: float,
+def finetune(backbone: torch.nn.Module, num_features: int, train, num_classes: int, fraction: float,
              image_size: int, mean, std, device, epochs: int = 20, lr: float = 0.01, batch_size: int = 64,
-             seed: int = 0) -> float:
-    """Returns the test top-1 of backbone + linear head fine-tuned on the labelled subset of ``train``
-    (a LoadedDataset). ``test_batches``: a callable returning an iterator of (images, labels)."""
-    from dataclasses import replace
+             seed: int = 0) -> torch.nn.Module:
+    """Backbone + linear head fine-tuned end to end on the class-balanced labelled ``fraction`` of
+    ``train`` (a LoadedDataset); returns the model ``[B, 3, H, W] -> [B, num_classes]``.
 
+    Data-parallel when a process group is up: each global batch of ``batch_size`` is split over
+    the ranks and DDP averages the gradients, so every rank ends with the same weights and the
+    result does not depend on the number of ranks beyond per-rank batch-norm statistics."""
     rows = balanced_subset(train.labels(), fraction, seed)
     subset = replace(train, table=train.table.select(rows.tolist()), num_instances=len(rows))
-    model = torch.nn.Sequential(copy.deepcopy(backbone), torch.nn.Linear(num_features, num_classes)).to(device)
     torch.manual_seed(seed)
+    model = torch.nn.Sequential(copy.deepcopy(backbone), torch.nn.Linear(num_features, num_classes)).to(device)
+    trained = model
+    if world_size() > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's weights
     dataset = InstanceDataset(subset, train_transform(AugmentConfig(), image_size, mean, std), with_labels=True)
-    loader = make_loader(dataset, batch_size=min(batch_size, len(rows)), seed=seed)
+    # a seeded reshuffle per epoch; every labelled row once per epoch; >= 2 rows per rank (batch norm)
+    sampler = InstanceBatchSampler(len(rows), min(batch_size, len(rows)), rank(), world_size(), seed=seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * len(loader)))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * len(sampler)))
     model.train()
-    for _ in range(epochs):
-        for batch in loader:
-            if len(batch["labels"]) < 2:
-                continue  # batch norm needs two samples
-            loss = F.cross_entropy(model(batch["images"].to(device)), batch["labels"].to(device))
+    for epoch in range(epochs):
+        sampler.set_position(epoch)
+        for batch in make_loader(dataset, batch_sampler=sampler, seed=seed + epoch):
+            loss = F.cross_entropy(trained(batch["images"].to(device)), batch["labels"].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-    model.eval()
-    scores, targets = [], []
-    with torch.no_grad():
-        for images, labels in test_batches():
-            scores.append(model(images.to(device)).float().cpu())
-            targets.append(labels)
-    return topk_accuracy(torch.cat(scores), torch.cat(targets), ks=(1,))[1]
+    if world_size() > 1:  # each rank's last forward updated its own batch-norm statistics: keep rank 0's
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, test_batches, device) -> tuple[float, int]:
+    """(top-1, rows counted) over the whole test split. ``test_batches()``: this rank's share as
+    (images, labels); the counts are summed over ranks (a collective when a process group is up)."""
+    counts = torch.zeros(2, dtype=torch.float64)
+    for images, labels in test_batches():
+        predicted = model(images.to(device)).float().cpu().argmax(dim=1)  # ties: the lowest class
+        counts += torch.tensor([(predicted == labels).sum().item(), len(labels)], dtype=torch.float64)
+    if world_size() > 1:
+        dist.all_reduce(counts)
+    return (counts[0] / counts[1]).item(), int(counts[1])

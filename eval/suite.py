@@ -214,7 +214,7 @@ def evaluate(cand: Candidate, entry: DatasetEntry, cfg: EvalSuiteConfig, dev) ->
                                 tuple(cfg.linear.weight_decays), cfg.linear.val_fraction, cfg.linear.max_iter,
                                 cfg.seed))
     if "semi" in cfg.protocols:
-        from eval.semi import finetune
+        from eval.semi import evaluate, finetune
 
         mean, std = cand.mean_std()
         transform = eval_transform(cand.image_size, mean, std, eval_crop_pct(AugmentConfig(), cand.image_size))
@@ -224,10 +224,10 @@ def evaluate(cand: Candidate, entry: DatasetEntry, cfg: EvalSuiteConfig, dev) ->
                 yield batch["images"], batch["labels"]
 
         for fraction in cfg.semi.fractions:
-            top1 = finetune(cand.encoder.backbone, cand.encoder.backbone.num_features, train_loaded, test_batches,
-                            num_classes, fraction, cand.image_size, mean, std, dev, cfg.semi.epochs, cfg.semi.lr,
-                            cfg.semi.batch_size, cfg.seed)
-            out[f"semi_{round(fraction * 100):g}pct_top1"] = top1
+            model = finetune(cand.encoder.backbone, cand.encoder.backbone.num_features, train_loaded, num_classes,
+                             fraction, cand.image_size, mean, std, dev, cfg.semi.epochs, cfg.semi.lr,
+                             cfg.semi.batch_size, cfg.seed)
+            out[f"semi_{round(fraction * 100):g}pct_top1"] = evaluate(model, test_batches, dev)[0]
     return out
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from eval.linear import linear_probe
-from eval.semi import balanced_subset
+from eval.semi import balanced_subset, evaluate, finetune
+from tests._dist import run_ranks as spawn_ranks
 from tests._launch import REPO, run_ranks
 
 
@@ -31,6 +32,45 @@ def test_balanced_subsets_are_balanced_and_reproducible():
         assert (counts == round(500 * fraction)).all()
         assert np.array_equal(rows, balanced_subset(labels, fraction, seed=3))
         assert not np.array_equal(rows, balanced_subset(labels, fraction, seed=4))
+
+
+def _semi_data_parallel(rank, world_size):
+    import torch.distributed as dist
+
+    from ifc_ds.augment import eval_transform
+    from ifc_ds.config import load_config
+    from ifc_ds.data import InstanceDataset, load_dataset, make_loader
+    from ifc_ds.features import shard_batches
+    from ifc_ds.model import InstanceEncoder
+
+    train, test = load_dataset("sklearn:digits:limit=400"), load_dataset("sklearn:digits:start=1600")
+    torch.manual_seed(rank)  # different start per rank: DDP must broadcast rank 0's weights
+    encoder = InstanceEncoder(load_config(None, ["model.name=test_resnet"]).model, 16)
+    mean, std, cpu = (0.5,) * 3, (0.25,) * 3, torch.device("cpu")
+    model = finetune(encoder.backbone, encoder.backbone.num_features, train, 10, 0.2, 16, mean, std, cpu,
+                     epochs=2, batch_size=16)
+    flat = torch.cat([t.detach().float().flatten() for t in model.state_dict().values()])  # buffers too
+    copies = [torch.empty_like(flat) for _ in range(world_size)]
+    dist.all_gather(copies, flat)
+    assert torch.equal(copies[0], copies[1])  # the ranks fine-tuned one model together
+
+    transform = eval_transform(16, mean, std, 1.0)
+
+    def my_share():
+        for batch in shard_batches(test, transform, 32, with_labels=True):
+            yield batch["images"], batch["labels"]
+
+    top1, rows = evaluate(model, my_share, cpu)
+    # reference: the whole test split in one process, no collective
+    correct = 0
+    with torch.no_grad():
+        for batch in make_loader(InstanceDataset(test, transform, with_labels=True), batch_size=64):
+            correct += (model(batch["images"]).argmax(1) == batch["labels"]).sum().item()
+    assert rows == test.num_instances == 197 and top1 == pytest.approx(correct / rows, abs=1e-12)
+
+
+def test_semi_supervised_is_data_parallel_and_scores_the_whole_test_split():
+    spawn_ranks(_semi_data_parallel, 2)
 
 
 @pytest.fixture(scope="module")
