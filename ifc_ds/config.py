@@ -76,9 +76,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     classifier_lr_scale: float = 10.0  # the rows are visited once per epoch: they need a larger step
     classifier_weight_decay: float = 0.0
-    # global gradient-norm clip of the classifier rows (norm over all shards; 0 = off). 1.0 is what the
-    # recipes were measured with (DeepSpeed's default); the backbone's clip is the ds_config's
-    # "gradient_clipping" (0 when the JSON does not set it)
+    # global gradient-norm clip of the classifier rows (norm over all shards; 0 = off): a guard against
+    # spikes that never binds in the CIFAR recipe (benchmarks/README.md). The backbone's clip is the
+    # ds_config's "gradient_clipping" (0 when the JSON does not set it)
     classifier_grad_clip: float = 1.0
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.0
