@@ -209,10 +209,19 @@ def _apply(obj, mapping: dict, prefix: str = "") -> None:
                 raise ConfigError(f"{dotted}: expected a section (mapping), got {value!r}")
             _apply(current, value, dotted + ".")
             continue
+        if isinstance(current, dict) and isinstance(value, dict):  # `a.b.c=1` updates a mapping in place
+            value = _merged(current, value)
         value = _coerce(value, hints[key], dotted)
         if dotted in _CHOICES and value not in _CHOICES[dotted]:
             raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(_CHOICES[dotted])}")
         setattr(obj, key, value)
+
+
+def _merged(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merged(base[key], value) if isinstance(base.get(key), dict) and isinstance(value, dict) else value
+    return out
 
 
 def parse_overrides(overrides: list[str]) -> dict:

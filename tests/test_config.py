@@ -32,3 +32,12 @@ def test_parse_overrides_nests():
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["justakey"])
+
+
+def test_dotted_override_updates_a_mapping_in_place():
+    from eval.suite import load_suite_config
+
+    cfg = load_suite_config("eval/configs/cifar10.yaml", ["datasets.cifar10.limit_train=10000"])
+    assert cfg.datasets["cifar10"].limit_train == 10000 and cfg.datasets["cifar10"].train.endswith("train.parquet")
+    cfg = load_config(None, ["model.kwargs={drop_path_rate: 0.1}", "model.kwargs.drop_rate=0.2"])
+    assert cfg.model.kwargs == {"drop_path_rate": 0.1, "drop_rate": 0.2}
