@@ -5,6 +5,7 @@ test split."""
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -15,7 +16,9 @@ import torch.nn.functional as F
 from ifc_ds.augment import train_transform
 from ifc_ds.config import AugmentConfig
 from ifc_ds.data import InstanceBatchSampler, InstanceDataset, make_loader
-from ifc_ds.dist import rank, world_size
+from ifc_ds.dist import is_main, rank, world_size
+
+log = logging.getLogger("ifc_ds.eval")
 
 
 def balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
@@ -60,6 +63,8 @@ def finetune(backbone: torch.nn.Module, num_features: int, train, num_classes: i
             loss.backward()
             opt.step()
             sched.step()
+        if is_main():
+            log.info("semi %g%%: epoch %d/%d, last loss %.3f", 100 * fraction, epoch + 1, epochs, loss.item())
     if world_size() > 1:  # each rank's last forward updated its own batch-norm statistics: keep rank 0's
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)

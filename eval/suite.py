@@ -192,6 +192,11 @@ def _cached_features(cand: Candidate, spec: str, limit, cfg: EvalSuiteConfig, de
 
 
 # --------------------------------------------------------------------------- protocols
+def _progress(cand: Candidate, protocol: str, top1: float) -> None:
+    if is_main():
+        log.info("%s: %s top-1 %.2f%%", cand.name, protocol, 100 * top1)
+
+
 def evaluate(cand: Candidate, entry: DatasetEntry, cfg: EvalSuiteConfig, dev) -> dict:
     from ifc_ds.dist import gather_uneven
 
@@ -205,6 +210,7 @@ def evaluate(cand: Candidate, entry: DatasetEntry, cfg: EvalSuiteConfig, dev) ->
             scores = knn_predict(bank, bank_y, queries, num_classes, k=k, temperature=cfg.knn.temperature)
             out[f"knn_top1_k{k}"] = topk_accuracy(scores.cpu(), query_y.cpu(), ks=(1,))[1]
         out["knn_top1"] = out[f"knn_top1_k{max(cfg.knn.ks)}"]  # the headline number: the largest k
+        _progress(cand, "knn", out["knn_top1"])
     if "linear" in cfg.protocols or "semi" in cfg.protocols:
         all_bank, all_bank_y = gather_uneven(bank).cpu(), gather_uneven(bank_y).cpu()
     if "linear" in cfg.protocols:
@@ -213,6 +219,7 @@ def evaluate(cand: Candidate, entry: DatasetEntry, cfg: EvalSuiteConfig, dev) ->
         out.update(linear_probe(all_bank, all_bank_y, queries.cpu(), query_y.cpu(), num_classes,
                                 tuple(cfg.linear.weight_decays), cfg.linear.val_fraction, cfg.linear.max_iter,
                                 cfg.seed))
+        _progress(cand, "linear", out["linear_top1"])
     if "semi" in cfg.protocols:
         from eval.semi import evaluate, finetune
 
@@ -228,6 +235,7 @@ def evaluate(cand: Candidate, entry: DatasetEntry, cfg: EvalSuiteConfig, dev) ->
                              fraction, cand.image_size, mean, std, dev, cfg.semi.epochs, cfg.semi.lr,
                              cfg.semi.batch_size, cfg.seed)
             out[f"semi_{round(fraction * 100):g}pct_top1"] = evaluate(model, test_batches, dev)[0]
+            _progress(cand, f"semi {fraction:.0%}", out[f"semi_{round(fraction * 100):g}pct_top1"])
     return out
 
 
