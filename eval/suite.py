@@ -180,15 +180,17 @@ def _cached_features(cand: Candidate, spec: str, limit, cfg: EvalSuiteConfig, de
     cache = Path(cfg.output_dir) / "features" / f"{key}.{split}.rank{rank()}of{world_size()}.pt"
     if cfg.cache and cache.is_file():
         saved = torch.load(cache, weights_only=False)
-        return saved["features"].to(dev), saved["labels"].to(dev), loaded
+        if "ids" in saved:  # caches written before ids were kept are recomputed
+            return saved["features"].to(dev), saved["labels"].to(dev), saved["ids"].to(dev), loaded
     transform = eval_transform(cand.image_size, mean, std, eval_crop_pct(AugmentConfig(), cand.image_size))
     enc = cand.encoder.to(dev).eval()
     forward = enc.backbone_features if cfg.features == "backbone" else enc
-    feats, labels, _ = extract_features(forward, loaded, transform, cfg.batch_size, dev, num_workers=cfg.num_workers)
+    feats, labels, ids = extract_features(forward, loaded, transform, cfg.batch_size, dev,
+                                          num_workers=cfg.num_workers)
     if cfg.cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"features": feats.cpu(), "labels": labels.cpu()}, cache)
-    return feats, labels, loaded
+        torch.save({"features": feats.cpu(), "labels": labels.cpu(), "ids": ids.cpu()}, cache)
+    return feats, labels, ids, loaded
 
 
 # --------------------------------------------------------------------------- protocols
@@ -200,14 +202,15 @@ def _progress(cand: Candidate, protocol: str, top1: float) -> None:
 def evaluate(cand: Candidate, entry: DatasetEntry, cfg: EvalSuiteConfig, dev) -> dict:
     from ifc_ds.dist import gather_uneven
 
-    bank, bank_y, train_loaded = _cached_features(cand, entry.train, entry.limit_train, cfg, dev, "train")
-    test_shard, test_shard_y, test_loaded = _cached_features(cand, entry.test, entry.limit_test, cfg, dev, "test")
+    bank, bank_y, bank_ids, train_loaded = _cached_features(cand, entry.train, entry.limit_train, cfg, dev, "train")
+    test_shard, test_shard_y, _, test_loaded = _cached_features(cand, entry.test, entry.limit_test, cfg, dev, "test")
     queries, query_y = gather_uneven(test_shard), gather_uneven(test_shard_y)
     num_classes = train_loaded.num_classes or int(max(train_loaded.labels().max(), test_loaded.labels().max())) + 1
     out: dict = {}
     if "knn" in cfg.protocols:
         for k in cfg.knn.ks:
-            scores = knn_predict(bank, bank_y, queries, num_classes, k=k, temperature=cfg.knn.temperature)
+            scores = knn_predict(bank, bank_y, queries, num_classes, k=k, temperature=cfg.knn.temperature,
+                                 bank_ids=bank_ids)
             out[f"knn_top1_k{k}"] = topk_accuracy(scores.cpu(), query_y.cpu(), ks=(1,))[1]
         out["knn_top1"] = out[f"knn_top1_k{max(cfg.knn.ks)}"]  # the headline number: the largest k
         _progress(cand, "knn", out["knn_top1"])

@@ -94,9 +94,10 @@ class KnnMonitor:
         encoder.eval()
         fwd = encoder.backbone_features
         bs = self.cfg.eval.batch_size
-        bank_f, bank_y, _ = extract_features(fwd, self.bank, self.transform, bs, dev, dtype)
+        bank_f, bank_y, bank_ids = extract_features(fwd, self.bank, self.transform, bs, dev, dtype)
         query_f, query_y, _ = extract_features(fwd, self.queries, self.transform, bs, dev, dtype, gather=True)
-        scores = knn_predict(bank_f, bank_y, query_f, self.num_classes, self.cfg.eval.k, self.cfg.eval.temperature)
+        scores = knn_predict(bank_f, bank_y, query_f, self.num_classes, self.cfg.eval.k, self.cfg.eval.temperature,
+                             bank_ids=bank_ids)
         encoder.train(was_training)
         return topk_accuracy(scores, query_y, ks=(1,))[1]
 

@@ -23,14 +23,62 @@ def data(seed=0):
 
 
 def brute_force(bank, labels, queries, k, temperature):
-    sims = F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T
-    top, idx = sims.topk(k, dim=1)
+    sims = F.normalize(queries.double(), dim=1) @ F.normalize(bank.double(), dim=1).T
+    sims = torch.round(sims * 2.0**40) / 2.0**40  # the protocol's similarity grid
+    top, idx = (t[:, :k] for t in sims.sort(dim=1, descending=True, stable=True))  # ties: lower row first
     weights = torch.ones_like(top) if temperature is None else (top / temperature).exp()
-    scores = torch.zeros(len(queries), C)
+    scores = torch.zeros(len(queries), C, dtype=torch.float64)
     for q in range(len(queries)):
         for w, i in zip(weights[q], idx[q]):
             scores[q, labels[i]] += w
     return scores
+
+
+def collinear(seed=0, n=300, q=60, dim=512):
+    """Like an untrained network's features: all within ~1e-3 of one direction, so neighbour
+    similarities differ by less than fp32 resolution."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.rand(dim, generator=gen) + 0.5
+    labels, q_labels = torch.randint(0, C, (n,), generator=gen), torch.randint(0, C, (q,), generator=gen)
+    return (base + 1e-3 * torch.randn(n, dim, generator=gen), labels,
+            base + 1e-3 * torch.randn(q, dim, generator=gen), q_labels)
+
+
+def _check_collinear(rank, world_size):
+    bank, labels, queries, _ = collinear()
+    start, end = shard_range(len(bank), world_size, rank)
+    scores = knn_predict(bank[start:end], labels[start:end], queries, C, k=20, temperature=0.07, chunk=16)
+    expected = brute_force(bank, labels, queries, 20, 0.07)
+    torch.testing.assert_close(scores, expected, rtol=1e-9, atol=0.0)
+    assert torch.equal(scores.argmax(1), expected.argmax(1))
+
+
+def _check_exact_ties(rank, world_size):
+    """Many identical bank rows (as an untrained network gives): the k-th place is an exact tie. With
+    interleaved shards and their global ids the neighbours are the single-process ones."""
+    bank, labels, queries, _ = data(2)
+    bank = bank[torch.arange(len(bank)) % 6]  # 6 distinct vectors, each repeated ~16 times
+    labels = torch.arange(len(bank)) % C
+    rows = torch.arange(rank, len(bank), world_size)  # interleaved, like the suite's batch-split shards
+    scores = knn_predict(bank[rows], labels[rows], queries, C, k=K, temperature=0.07, chunk=16, bank_ids=rows)
+    expected = brute_force(bank, labels, queries, K, 0.07)
+    torch.testing.assert_close(scores, expected, rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_exact_ties_go_to_the_lower_global_id(world_size):
+    if world_size == 1:
+        _check_exact_ties(0, 1)
+    else:
+        run_ranks(_check_exact_ties, world_size)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_sharded_knn_is_stable_on_nearly_collinear_features(world_size):
+    if world_size == 1:
+        _check_collinear(0, 1)
+    else:
+        run_ranks(_check_collinear, world_size)
 
 
 def _check(rank, world_size):
