@@ -60,11 +60,13 @@ def read_zero_partitions(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor
     Returns ``(full, scalars, global_state)``: ``full[param_name]`` maps ``"fp32"`` and each
     per-element optimizer-state key (``momentum_buffer``, ``exp_avg`` ...) to the parameter's whole
     flat tensor ``[numel]``; ``scalars[group]`` holds the per-group scalar state (Adam's ``step``);
-    ``global_state`` holds the loss scaler of fp16 runs."""
+    ``global_state`` holds the loss scaler of fp16 runs and ``dp_size``, the number of ranks that wrote
+    the files."""
     pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
     scalars: list[dict] = []
-    global_state: dict = {}
-    for path in _partition_files(folder):  # rank order: a parameter's fragments concatenate in order
+    files = _partition_files(folder)
+    global_state: dict = {"dp_size": len(files)}
+    for path in files:  # rank order: a parameter's fragments concatenate in order
         sd = torch.load(path, map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT]
         if PARAM_SLICE_MAPPINGS not in sd:
             raise ZeroReshardError(f"{path}: no {PARAM_SLICE_MAPPINGS} (written by a DeepSpeed too old to re-shard)")
@@ -123,4 +125,4 @@ def restore_zero_partitions(engine, folder: Path) -> int:
             param.copy_(saved["fp32"].view_as(param).to(param.dtype))
     if global_state.get(LOSS_SCALER) is not None:
         zero.loss_scaler = global_state[LOSS_SCALER]
-    return len(_partition_files(folder))
+    return global_state["dp_size"]

@@ -65,22 +65,6 @@ def _check_exact_ties(rank, world_size):
     torch.testing.assert_close(scores, expected, rtol=1e-12, atol=0.0)
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_exact_ties_go_to_the_lower_global_id(world_size):
-    if world_size == 1:
-        _check_exact_ties(0, 1)
-    else:
-        run_ranks(_check_exact_ties, world_size)
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_sharded_knn_is_stable_on_nearly_collinear_features(world_size):
-    if world_size == 1:
-        _check_collinear(0, 1)
-    else:
-        run_ranks(_check_collinear, world_size)
-
-
 def _check(rank, world_size):
     bank, labels, queries, _ = data()
     start, end = shard_range(len(bank), world_size, rank)
@@ -92,11 +76,13 @@ def _check(rank, world_size):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_sharded_knn_equals_brute_force(world_size):
+@pytest.mark.parametrize("check", [_check, _check_collinear, _check_exact_ties],
+                         ids=["brute_force", "nearly_collinear", "exact_ties_to_lower_id"])
+def test_sharded_knn_equals_single_process_reference(check, world_size):
     if world_size == 1:
-        _check(0, 1)
+        check(0, 1)
     else:
-        run_ranks(_check, world_size)
+        run_ranks(check, world_size)
 
 
 def test_unweighted_matches_sklearn():
