@@ -11,11 +11,14 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 import deepspeed
 
-from ifc_ds.config import load_config
-from ifc_ds.trainer import EXIT_PEER_LOST, finish, is_peer_failure, run
+from ifc_ds.checkpoint import CheckpointError
+from ifc_ds.config import ConfigError, load_config
+from ifc_ds.data import DatasetSpecError
+from ifc_ds.trainer import EXIT_FAILED, EXIT_PEER_LOST, EXIT_USAGE, finish, is_peer_failure, run
 
 
 def parse_args(argv=None):
@@ -35,14 +38,26 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, overrides)
     try:
         return finish(run(cfg))
-    except RuntimeError as exc:
-        if not is_peer_failure(exc):
-            raise
-        logging.getLogger("ifc_ds").error(
-            "a peer rank died or a collective timed out (dist.timeout_s=%s); restart with resume=auto to continue "
-            "from the last complete checkpoint in %s/checkpoints. (%s)", cfg.dist.timeout_s, cfg.output_dir,
-            str(exc).splitlines()[0][:300])
-        os._exit(EXIT_PEER_LOST)  # tearing down a broken process group can itself hang
+    except (ConfigError, DatasetSpecError, CheckpointError) as exc:  # bad input: one line says what
+        logging.getLogger("ifc_ds").error("%s: %s", type(exc).__name__, exc)
+        logging.shutdown()
+        os._exit(EXIT_USAGE)
+    except Exception as exc:
+        log = logging.getLogger("ifc_ds")
+        rank = os.environ.get("RANK", "0")
+        # the whole traceback first, whatever the failure: it is the only record of the cause
+        log.error("rank %s failed:\n%s", rank, traceback.format_exc().rstrip())
+        if is_peer_failure(exc):
+            log.error("a peer rank died or a collective timed out (dist.timeout_s=%s); restart with resume=auto to "
+                      "continue from the last complete checkpoint in %s/checkpoints", cfg.dist.timeout_s,
+                      cfg.output_dir)
+            code = EXIT_PEER_LOST
+        else:
+            code = EXIT_FAILED
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # tearing down a process group whose peers are gone or waiting can itself hang
 
 
 if __name__ == "__main__":

@@ -29,20 +29,49 @@ def _fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float
 def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, weight_decays=(0.0, 1e-5, 1e-4, 1e-3, 1e-2),
                  val_fraction: float = 0.1, max_iter: int = 200, seed: int = 0) -> dict:
     """Features [n, F] (any scale: standardised with the training statistics). Returns top-1/top-5 on
-    the test split, the chosen weight decay and the validation accuracy of every candidate."""
+    the test split, the chosen weight decay and the validation accuracy of every candidate.
+
+    Under a process group (the same features on every rank) the weight-decay sweep is split over the
+    ranks and the final fit runs on rank 0; every rank returns the same result."""
+    from ifc_ds.dist import rank, world_size
+
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
     n_val = max(1, int(len(train_x) * val_fraction))
     val_idx, fit_idx = perm[:n_val], perm[n_val:]
-    sweep = {}
-    for wd in weight_decays:
+    mine = {}
+    for wd in list(weight_decays)[rank()::world_size()]:
         model = _fit(train_x[fit_idx], train_y[fit_idx], num_classes, wd, max_iter)
         with torch.no_grad():
-            sweep[wd] = topk_accuracy(model(train_x[val_idx]), train_y[val_idx], ks=(1,))[1]
+            mine[wd] = topk_accuracy(model(train_x[val_idx]), train_y[val_idx], ks=(1,))[1]
+    sweep = {wd: acc for part in _gather_objects(mine) for wd, acc in part.items()}
     best = max(sweep, key=lambda wd: (sweep[wd], -wd))
-    model = _fit(train_x, train_y, num_classes, best, max_iter)
-    with torch.no_grad():
-        acc = topk_accuracy(model(test_x), test_y, ks=(1, min(5, num_classes)))
-    return {"linear_top1": acc[1], "linear_top5": acc[min(5, num_classes)], "linear_weight_decay": best,
-            "linear_val_sweep": {str(k): v for k, v in sweep.items()}}
+    result = None
+    if rank() == 0:
+        model = _fit(train_x, train_y, num_classes, best, max_iter)
+        with torch.no_grad():
+            acc = topk_accuracy(model(test_x), test_y, ks=(1, min(5, num_classes)))
+        result = {"linear_top1": acc[1], "linear_top5": acc[min(5, num_classes)], "linear_weight_decay": best,
+                  "linear_val_sweep": {str(k): sweep[k] for k in weight_decays}}
+    return _broadcast_object(result)
+
+
+def _gather_objects(obj) -> list:
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def _broadcast_object(obj):
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

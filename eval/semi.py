@@ -57,12 +57,16 @@ def finetune(backbone: torch.nn.Module, num_features: int, train, num_classes: i
     model.train()
     for epoch in range(epochs):
         sampler.set_position(epoch)
+        loss = None
         for batch in make_loader(dataset, batch_sampler=sampler, seed=seed + epoch):
             loss = F.cross_entropy(trained(batch["images"].to(device)), batch["labels"].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
+        if loss is None:
+            raise ValueError(f"semi-supervised {fraction:.0%}: no labelled batch to fine-tune on ({len(rows)} "
+                             f"labelled rows over {world_size()} ranks)")
         if is_main():
             log.info("semi %g%%: epoch %d/%d, last loss %.3f", 100 * fraction, epoch + 1, epochs, loss.item())
     if world_size() > 1:  # each rank's last forward updated its own batch-norm statistics: keep rank 0's

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/
 import torch  # noqa: E402
 
 from ifc_ds.augment import eval_crop_pct, eval_transform  # noqa: E402
-from ifc_ds.checkpoint import find_checkpoint  # noqa: E402
+from ifc_ds.checkpoint import content_key, encoder_state_dict, find_checkpoint  # noqa: E402
 from ifc_ds.config import AugmentConfig, ConfigError, ModelConfig, _apply, config_from_dict, parse_overrides  # noqa: E402
 from ifc_ds.data import load_dataset  # noqa: E402
 from ifc_ds.dist import device, init_distributed, is_main, rank, world_size  # noqa: E402
@@ -142,10 +142,8 @@ def _from_checkpoint(path: str, cfg: EvalSuiteConfig) -> Candidate:
     run_cfg = config_from_dict(json.loads((ckpt / "meta.json").read_text())["config"])
     size = cfg.image_size or run_cfg.data.image_size
     encoder = InstanceEncoder(run_cfg.model, size)
-    states = torch.load(ckpt / "engine" / "backbone" / "mp_rank_00_model_states.pt", map_location="cpu",
-                        weights_only=False)["module"]
-    encoder.load_state_dict({k: v.float() for k, v in states.items()})
-    return Candidate("checkpoint", encoder, run_cfg.model, f"{ckpt.resolve()}", size)
+    encoder.load_state_dict(encoder_state_dict(ckpt, encoder))  # fp32 master weights
+    return Candidate("checkpoint", encoder, run_cfg.model, f"{ckpt.resolve()}:{content_key(ckpt)}", size)
 
 
 def _from_safetensors(path: str, cfg: EvalSuiteConfig) -> Candidate:

@@ -187,10 +187,10 @@ def checkpoint_root(output_dir: str) -> Path:
 
 
 def save_checkpoint(output_dir: str, step: int, engines, trainer_state: dict, cfg: Config, keep_last: int) -> Path:
-    """Collective. Writes a complete checkpoint atomically; returns its final path."""
+    """Collective. Writes a complete checkpoint atomically; returns its final path (on rank 0)."""
     root = checkpoint_root(output_dir)
     name = f"step_{step:08d}"
-    tmp, final = root / f".tmp-{name}", root / name
+    tmp = root / f".tmp-{name}"
     if is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "classifier").mkdir(parents=True)
@@ -202,32 +202,80 @@ def save_checkpoint(output_dir: str, step: int, engines, trainer_state: dict, cf
     if is_main():
         torch.save(trainer_state, tmp / "trainer" / "state.pt")
     _barrier()
+    final = root / name
     if is_main():
         meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size(),
                 "num_instances": engines.classifier.module.num_instances, "dim": engines.classifier.module.dim,
                 "config": config_to_dict(cfg)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = root / "latest.tmp"
-        pointer.write_text(name)
-        with open(pointer) as f:
-            os.fsync(f.fileno())
-        os.replace(pointer, root / "latest")
-        _prune(root, keep_last)
+        final = publish(root, tmp, name, keep_last)
+        log.info("checkpoint %s saved", final.name)
     _barrier()
     return final
 
 
+def _crash_point(name: str) -> None:
+    """A no-op between two steps of ``publish``; fault-injection tests replace it to kill the process there."""
+
+
+def publish(root: Path, tmp: Path, name: str, keep_last: int) -> Path:
+    """Makes the complete checkpoint folder ``tmp`` the newest checkpoint ``name``, then prunes.
+
+    At every moment ``latest`` names a complete checkpoint: a step that already has one (a re-save,
+    e.g. after a resume that trained nothing) gets a new version ``name.1``, ``name.2``... instead of
+    the old folder being removed before the new one is in place; older versions go only after
+    ``latest`` names the new one."""
+    final = root / name
+    if final.exists():
+        versions = [_checkpoint_key(p)[1] for p in root.glob(f"{name}*") if _checkpoint_key(p) is not None]
+        final = root / f"{name}.{max(versions, default=0) + 1}"
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _crash_point("renamed")
+    pointer = root / "latest.tmp"
+    pointer.write_text(final.name)
+    with open(pointer) as f:
+        os.fsync(f.fileno())
+    os.replace(pointer, root / "latest")
+    _fsync_dir(root)
+    _crash_point("pointed")
+    _prune(root, keep_last)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _checkpoint_key(path: Path) -> tuple[int, int] | None:
+    """``step_00000012`` -> (12, 0), ``step_00000012.3`` -> (12, 3); None for anything else."""
+    stem, _, version = path.name.partition(".")
+    if not stem.startswith("step_") or not stem[5:].isdigit() or (version and not version.isdigit()):
+        return None
+    return int(stem[5:]), int(version or 0)
+
+
 def _complete(path: Path) -> bool:
-    return path.is_dir() and not path.name.startswith(".") and (path / "meta.json").is_file()
+    return (path.is_dir() and not path.name.startswith(".") and _checkpoint_key(path) is not None
+            and (path / "meta.json").is_file())
+
+
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (by step, then version)."""
+    return sorted((p for p in root.glob("step_*") if _complete(p)), key=_checkpoint_key)
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    done = sorted(p for p in root.glob("step_*") if _complete(p))
-    for old in done[:-keep_last]:
+    done = _complete_checkpoints(root)
+    newest_of_step = {_checkpoint_key(p)[0]: p for p in done}  # a re-saved step keeps its newest version
+    superseded = [p for p in done if newest_of_step[_checkpoint_key(p)[0]] != p]
+    kept = sorted(newest_of_step.values(), key=_checkpoint_key)
+    for old in superseded + kept[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -240,9 +288,9 @@ def find_checkpoint(output_dir: str, resume: str) -> Path | None:
         return None
     if resume != "auto":
         path = Path(resume)
-        if _complete(path / "checkpoints") or (path / "checkpoints").is_dir():
+        if (path / "checkpoints").is_dir():
             return find_checkpoint(str(path), "auto")
-        if not _complete(path):
+        if not (path.is_dir() and (path / "meta.json").is_file()):
             raise CheckpointError(f"resume={resume}: not a complete checkpoint (no meta.json)")
         return path
     root = checkpoint_root(output_dir)
@@ -251,7 +299,7 @@ def find_checkpoint(output_dir: str, resume: str) -> Path | None:
         named = root / pointer.read_text().strip()
         if _complete(named):
             return named
-    done = sorted(p for p in root.glob("step_*") if _complete(p))
+    done = _complete_checkpoints(root)
     return done[-1] if done else None
 
 
@@ -286,14 +334,10 @@ def load_checkpoint(path: Path, engines, cfg: Config, num_instances: int) -> dic
         # module, then re-partition the fp32 weights and optimizer state by parameter name ourselves
         engines.backbone.load_checkpoint(str(path / "engine"), tag="backbone", load_module_only=True)
         saved_dp = restore_zero_partitions(engines.backbone, path / "engine" / "backbone")
-        _set_schedule_step(engines.backbone.lr_scheduler, state["step"])
         if is_main():
             log.info("elastic resume under ZeRO-%d: backbone optimizer state re-partitioned from %d to %d ranks",
                      engines.backbone.zero_optimization_stage(), saved_dp, world_size())
-    load_classifier_rows(engines.classifier, path / "classifier")
-    scheduler = engines.classifier.lr_scheduler
-    scheduler.load_state_dict(state["classifier_lr_scheduler"])
-    _set_schedule_step(scheduler, scheduler.last_epoch)
+    load_classifier_rows(engines.classifier, path / "classifier")  # the LR schedules: the trainer sets them
     rng_file = path / "trainer" / f"rank_{rank()}.pt"
     if same_world and rng_file.is_file():
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
@@ -306,9 +350,41 @@ def load_checkpoint(path: Path, engines, cfg: Config, num_instances: int) -> dic
     return state
 
 
-def _set_schedule_step(scheduler, step: int) -> None:
-    """Puts a LambdaLR at ``step`` and sets the optimizer's LR to match (``load_state_dict`` alone
-    leaves the optimizer's LR at its initial value for the first resumed step)."""
-    scheduler.last_epoch = step
-    for group, factor, base in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
-        group["lr"] = base * factor(step)
+# --------------------------------------------------------------------------- weights for evaluation and export
+def encoder_state_dict(path: Path, encoder: torch.nn.Module) -> dict:
+    """The encoder's state dict from checkpoint ``path`` with its fp32 *master* weights, not the 16-bit
+    working copy that a bf16/fp16 run keeps in the module (``encoder`` gives the parameter order).
+
+    ZeRO-1/2: DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` reassembles the fp32 partitions.
+    ZeRO-0 with bf16/fp16: DeepSpeed's optimizer saves its fp32 copies per parameter group, in the
+    order of ``engine.param_groups``, which that tool does not read. ZeRO-0 fp32: the module itself."""
+    from ifc_ds.engine import param_groups
+
+    engine_dir = Path(path) / "engine"
+    states = torch.load(engine_dir / "backbone" / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)
+    module = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    optimizer = states.get("optimizer") or {}
+    if list((engine_dir / "backbone").glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        fp32 = get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag="backbone")
+        module.update({k: v.float() if v.is_floating_point() else v for k, v in fp32.items()})
+    elif isinstance(optimizer, dict) and "fp32_groups" in optimizer:
+        names = {id(p): n for n, p in encoder.named_parameters()}
+        for group, masters in zip(param_groups(encoder, 0.0), optimizer["fp32_groups"]):
+            for param, master in zip(group["params"], masters):
+                if master.shape != module[names[id(param)]].shape:
+                    raise CheckpointError(f"{path}: fp32 master of {names[id(param)]} has shape {tuple(master.shape)}")
+                module[names[id(param)]] = master.float()
+    return module
+
+
+def content_key(path: Path) -> str:
+    """Changes whenever the checkpoint at ``path`` is rewritten (a re-run into the same output_dir)."""
+    meta = Path(path) / "meta.json"
+    weights = Path(path) / "engine" / "backbone" / "mp_rank_00_model_states.pt"
+    stamps = [f"{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in (meta, weights) if p.exists()]
+    import hashlib
+
+    return hashlib.sha1((meta.read_text() + "|".join(stamps)).encode()).hexdigest()[:16]

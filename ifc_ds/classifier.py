@@ -28,6 +28,7 @@ Numerics (all fp32, whatever the autocast dtype):
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -168,6 +169,12 @@ def _merge_topk(best_vals, best_idx, vals, idx, k: int):
     return vals, torch.gather(idx, 0, pos)
 
 
+def _kept_in_use(workspace: dict) -> bool:
+    """The kept logits belong to a graph that is still alive and has not run its backward yet."""
+    owner = workspace.get("owner")
+    return owner is not None and owner() is not None
+
+
 def _workspace_view(workspace: dict, name: str, shape: tuple[int, int], device) -> torch.Tensor:
     """A ``shape`` view of a buffer kept across steps: a fresh ``[N/P, B]`` allocation every step
     costs more in first-touch page faults than the GEMM writing it."""
@@ -217,7 +224,9 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
 
         kept = _workspace_view(workspace, "logits", (n_rows, batch), device) if spec.keep_logits else None
         if kept is not None:
-            workspace["busy"] = True  # until backward has consumed it
+            # in use until backward has consumed it, or until the graph is dropped without a backward
+            # (a skipped non-finite step): a weak reference to this ctx tells which
+            workspace["owner"] = weakref.ref(ctx)
         k = spec.search_k
         best_vals = features_all.new_empty((0, batch))
         best_idx = ids_all.new_empty((0, batch))
@@ -299,7 +308,7 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
             _through_weight_norm(grad_weight[c0:c1], weight32[c0:c1], inv_norm[c0:c1], spec.temperature)
         grad_features.mul_((row_scale / _LOG2E)[:, None])
         if kept is not None:  # release the kept buffer for the next step
-            ctx.kept, ctx.workspace["busy"] = None, False
+            ctx.kept, ctx.workspace["owner"] = None, None
 
         rows, cols, values = _sparse_targets(ids_all, neg_ids, spec, n_rows, grad_loss / batch)
         scaled_rows = weight32[cols] * (inv_norm[cols] / spec.temperature)[:, None]
@@ -371,6 +380,7 @@ class ShardedInstanceClassifier(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.row_end - self.row_start, dim))
         self.track_accuracy = False
         self.last_accuracy: torch.Tensor | None = None
+        self.last_batch_size = 0  # B_global of the last forward (known on every rank: the layout exchange)
         self._workspace: dict = {}
         self.reset_parameters()
 
@@ -411,11 +421,12 @@ class ShardedInstanceClassifier(nn.Module):
                 smoothing_eps=smoothing_eps if smoothing else 0.0,
                 search_k=smoothing or (1 if self.track_accuracy else 0),
                 block=_block_size(layout.total, self.chunk_size, features.device),
-                keep_logits=self.chunk_size is None and needs_backward and not self._workspace.get("busy"),
+                keep_logits=self.chunk_size is None and needs_backward and not _kept_in_use(self._workspace),
                 group=self.group, world_size=self.world_size)
             loss, accuracy = _ShardedSoftmaxCrossEntropy.apply(features_all, self.weight, ids_all, spec,
                                                                self._workspace)
         self.last_accuracy = accuracy if spec.search_k else None
+        self.last_batch_size = layout.total
         return loss
 
     @torch.no_grad()

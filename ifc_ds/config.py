@@ -254,6 +254,9 @@ def _validate(cfg: Config) -> None:
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
         (cfg.dist.timeout_s > 0, "dist.timeout_s must be > 0"),
         (0 <= cfg.eval.holdout < 1, "eval.holdout must be in [0, 1)"),
+        (not cfg.eval.train or cfg.eval.test or cfg.eval.holdout > 0,
+         "eval.holdout=0 with no eval.test leaves the kNN monitor without queries: set eval.test or "
+         "eval.holdout > 0"),
     ]
     for ok, message in checks:
         if not ok:

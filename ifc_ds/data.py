@@ -10,8 +10,9 @@ followed by optional ``:key=value`` options: ``split``, ``image_column``, ``labe
 ``start`` (skip the first rows), ``limit``, ``streaming``
 (e.g. ``parquet:/x/train.parquet:image_column=img:limit=2000``, ``sklearn:digits:start=1200``).
 
-Instance id = row position in the (map-style) dataset after ``limit``: stable across runs, world
-sizes and shuffles. Streaming datasets get an ``instance_id`` column from their stream position.
+Instance id = row position in the dataset after ``start`` / ``limit``: stable across runs, world
+sizes and shuffles. A streaming dataset gives every row the same id the map-style loader would
+(its global row number, from the files' row counts; see ``ifc_ds.streaming``).
 """
 
 from __future__ import annotations
@@ -117,10 +118,10 @@ def _pick_split(spec: DatasetSpec, ds):
     return ds
 
 
-def _load_raw(spec: DatasetSpec):
+def _load_raw(spec: DatasetSpec, stream: bool):
     """The spec's rows as a datasets.Dataset (or IterableDataset); every failure is one DatasetSpecError."""
     try:
-        return _load_raw_unchecked(spec)
+        return _load_raw_unchecked(spec, stream)
     except DatasetSpecError:
         raise
     except Exception as exc:  # datasets / pyarrow / PIL raise many types; the user needs one line
@@ -138,27 +139,30 @@ def _match_files(spec: DatasetSpec) -> list[str]:
     return files
 
 
-def _load_raw_unchecked(spec: DatasetSpec):
+def _load_raw_unchecked(spec: DatasetSpec, stream: bool):
     import datasets
 
     split = spec.split or "train"
-    stream = spec.streaming
     if spec.kind == "sklearn":
         if spec.path != "digits":
             raise spec.error("the only embedded dataset is sklearn:digits")
-        ds = _embedded_digits()
-        return ds.to_iterable_dataset() if stream else ds
+        return _embedded_digits()
     if spec.kind in ("parquet", "arrow"):
-        return datasets.load_dataset(spec.kind, data_files={split: _match_files(spec)}, split=split, streaming=stream)
+        files = _match_files(spec)
+        if spec.kind == "arrow" and stream:  # memory-mapped in place, numbered by ifc_ds.streaming
+            return datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])
+        return datasets.load_dataset(spec.kind, data_files={split: files}, split=split, streaming=stream)
     if spec.kind == "imagefolder":
         if not Path(spec.path).is_dir():
             raise spec.error(f"folder '{spec.path}' does not exist")
-        return _pick_split(spec, datasets.load_dataset("imagefolder", data_dir=spec.path, streaming=stream))
+        if stream:
+            raise spec.error("streaming=true is not supported for imagefolder (no stable row numbers without "
+                             "listing every file; the map-style loader only stores file paths): use streaming=false")
+        return _pick_split(spec, datasets.load_dataset("imagefolder", data_dir=spec.path))
     if spec.kind == "disk":
         if not Path(spec.path).exists():
             raise spec.error(f"folder '{spec.path}' does not exist")
-        ds = _pick_split(spec, datasets.load_from_disk(spec.path))
-        return ds.to_iterable_dataset() if stream else ds
+        return _pick_split(spec, datasets.load_from_disk(spec.path))
     # hub: only what the local cache holds, so a missing dataset fails at once instead of hanging
     try:
         return datasets.load_dataset(spec.path, split=split, streaming=stream)
@@ -166,6 +170,32 @@ def _load_raw_unchecked(spec: DatasetSpec):
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (offline mode: it must be in the local HF cache)" if offline else ""
         raise spec.error(f"cannot load hub dataset{hint}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+
+
+def _row_source(spec: DatasetSpec, ds, image_col: str):
+    """The numbered row source of a streaming spec (see ifc_ds.streaming); a format whose rows cannot
+    be numbered without reading them all is refused instead of guessed."""
+    from ifc_ds.streaming import ParquetSource, TableSource
+
+    if spec.kind == "parquet":
+        return ParquetSource(_match_files(spec), image_col)
+    if spec.kind in ("disk", "sklearn", "arrow"):  # map-style tables: memory-mapped, numbered by position
+        return TableSource(ds, image_col)
+    files = _hub_parquet_files(spec)
+    if files is None:
+        raise spec.error("streaming=true needs parquet data files (their footers number the rows); this hub "
+                         "dataset has others: use streaming=false")
+    return ParquetSource(files, image_col)
+
+
+def _hub_parquet_files(spec: DatasetSpec) -> list[str] | None:
+    import datasets
+
+    builder = datasets.load_dataset_builder(spec.path)
+    files = (builder.config.data_files or {}).get(spec.split or "train")
+    if not files or not all(str(f).endswith(".parquet") for f in files):
+        return None
+    return [str(f) for f in files]
 
 
 def _find_columns(spec: DatasetSpec, features) -> tuple[str, str | None]:
@@ -197,7 +227,7 @@ class LoadedDataset:
     image_column: str
     label_column: str | None
     table: object = None  # datasets.Dataset, images not decoded (decode=False)
-    stream: object = None  # datasets.IterableDataset with an instance_id column
+    stream: object = None  # ifc_ds.streaming.NumberedStream
     num_instances: int = 0
     num_classes: int | None = None
 
@@ -209,46 +239,38 @@ class LoadedDataset:
 
 def load_dataset(spec: str | DatasetSpec, limit: int | None = None, streaming: bool | None = None,
                  num_instances: int | None = None) -> LoadedDataset:
-    """Loads a spec. ``limit`` (first rows) and ``streaming`` override the spec's own options."""
+    """Loads a spec. ``limit`` (first rows) and ``streaming`` override the spec's own options;
+    ``num_instances``, when given, must equal the stream's row count."""
     import datasets
 
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     spec = replace(spec, limit=limit if limit is not None else spec.limit,
                    streaming=streaming if streaming is not None else spec.streaming)
-    ds = _load_raw(spec)
+    # streaming parquet and hub data is read by HF's streaming loader for its features only; the
+    # rows come from ifc_ds.streaming, which numbers them
+    ds = _load_raw(spec, stream=spec.streaming and spec.kind in ("parquet", "hub"))
     image_col, label_col = _find_columns(spec, ds.features)
     ds = ds.cast_column(image_col, datasets.Image(decode=False))  # decode ourselves: bad files are skipped
     num_classes = None
     if label_col is not None and isinstance(ds.features[label_col], datasets.ClassLabel):
         num_classes = ds.features[label_col].num_classes
     if spec.streaming:
-        ds = ds.skip(spec.start) if spec.start else ds
-        ds = ds.map(lambda row, idx: {"instance_id": idx}, with_indices=True)  # stream position = id
-        n = num_instances or _stream_length(spec, ds)
-        if spec.limit is not None:
-            ds, n = ds.take(spec.limit), min(n, spec.limit)
-        return LoadedDataset(spec, image_col, label_col, stream=ds, num_instances=n, num_classes=num_classes)
+        from ifc_ds.streaming import NumberedStream
+
+        stream = NumberedStream(_row_source(spec, ds, image_col), spec.start, spec.limit)
+        if stream.num_instances == 0:
+            raise spec.error("is empty")
+        if num_instances is not None and num_instances != stream.num_instances:
+            raise spec.error(f"data.num_instances={num_instances}, but the data has {stream.num_instances} rows "
+                             "(leave data.num_instances unset)")
+        return LoadedDataset(spec, image_col, label_col, stream=stream, num_instances=stream.num_instances,
+                             num_classes=num_classes)
     if spec.start or spec.limit is not None:
         end = len(ds) if spec.limit is None else min(len(ds), spec.start + spec.limit)
         ds = ds.select(range(min(spec.start, end), end))
     if len(ds) == 0:
         raise spec.error("is empty")
     return LoadedDataset(spec, image_col, label_col, table=ds, num_instances=len(ds), num_classes=num_classes)
-
-
-def _stream_length(spec: DatasetSpec, ds) -> int:
-    """N of a stream: parquet footers, else the dataset's split metadata, else ``limit``."""
-    if spec.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in _match_files(spec)) - spec.start
-    splits = getattr(ds.info, "splits", None) or {}
-    split = splits.get(spec.split or "train") if hasattr(splits, "get") else None
-    if split is not None and split.num_examples:
-        return split.num_examples
-    if spec.limit is not None:
-        return spec.limit
-    raise spec.error("streaming dataset of unknown size: set data.num_instances (N) or :limit=")
 
 
 # --------------------------------------------------------------------------- decoding
@@ -329,10 +351,11 @@ class InstanceBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, num_instances: int, global_batch: int, rank: int, world_size: int, seed: int = 0,
-                 shuffle: bool = True):
-        if num_instances < 2 * world_size or global_batch < 2 * world_size:
+                 shuffle: bool = True, min_per_rank: int = 2):
+        self.min_per_rank = min_per_rank  # 2 (batch norm), times the micro-batches a step is split into
+        if num_instances < min_per_rank * world_size or global_batch < min_per_rank * world_size:
             raise ValueError(f"{num_instances} instances in global batches of {global_batch} cannot be split "
-                             f"over {world_size} ranks with at least 2 per rank")
+                             f"over {world_size} ranks with at least {min_per_rank} per rank")
         self.num_instances, self.global_batch = num_instances, global_batch
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.epoch, self.offset = 0, 0
@@ -343,7 +366,7 @@ class InstanceBatchSampler(torch.utils.data.Sampler):
     def bounds(self) -> list[tuple[int, int]]:
         # half a global batch keeps the tail rule independent of the world size whenever each rank's
         # batch is >= 4; 2 per rank is the floor batch norm needs
-        min_tail = max(-(-self.global_batch // 2), 2 * self.world_size)
+        min_tail = max(-(-self.global_batch // 2), self.min_per_rank * self.world_size)
         return step_bounds(self.num_instances, self.global_batch, self.offset, min_tail)
 
     def order(self) -> torch.Tensor:
@@ -362,45 +385,6 @@ class InstanceBatchSampler(torch.utils.data.Sampler):
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "global_batch": self.global_batch,
                 "num_instances": self.num_instances}
-
-
-class StreamShard(torch.utils.data.IterableDataset):
-    """This rank's part of a streaming dataset for one epoch: shuffled with a seeded buffer, split
-    over ranks by ``datasets.distributed.split_dataset_by_node``, decoded and transformed. Yields
-    ``(image, instance id, skipped-before flag)``; undecodable rows are skipped and flagged.
-    ``skip`` drops the first samples (a mid-epoch resume with the same world size replays the same
-    order, so skipping what was consumed continues exactly)."""
-
-    def __init__(self, loaded: LoadedDataset, transform, rank: int, world_size: int, seed: int = 0, epoch: int = 0,
-                 shuffle_buffer: int = 10_000, skip: int = 0):
-        if loaded.stream is None:
-            raise ValueError("StreamShard needs a streaming dataset (streaming=True)")
-        self.loaded, self.transform, self.rank, self.world_size = loaded, transform, rank, world_size
-        self.seed, self.epoch, self.shuffle_buffer, self.skip = seed, epoch, shuffle_buffer, skip
-
-    def rows(self):
-        from datasets.distributed import split_dataset_by_node
-
-        stream = self.loaded.stream
-        if self.shuffle_buffer:
-            stream = stream.shuffle(seed=self.seed * 100_003 + self.epoch, buffer_size=self.shuffle_buffer)
-        return split_dataset_by_node(stream, rank=self.rank, world_size=self.world_size)
-
-    def __iter__(self):
-        skipped, seen = False, 0
-        column = self.loaded.image_column
-        for row in self.rows():
-            try:
-                image = decode_image(row[column])
-            except Exception as exc:
-                log.debug("instance %s undecodable: %s", row.get("instance_id"), exc)
-                skipped = True
-                continue
-            seen += 1
-            if seen <= self.skip:
-                continue
-            yield self.transform(image), int(row["instance_id"]), skipped
-            skipped = False
 
 
 def default_num_workers(local_world_size: int) -> int:
@@ -444,49 +428,5 @@ class MapEpochs:
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
 
-
-def lockstep(iterator, device, until: str = "all"):
-    """Yields ``next(iterator)`` (None once it is exhausted) in lockstep with the other ranks, whose
-    shards may differ in length: ``until="all"`` stops once every rank is done (the others get None:
-    collectives that accept empty inputs), ``"any"`` as soon as one rank is done."""
-    import torch.distributed as dist
-
-    op = dist.ReduceOp.MIN if until == "any" else dist.ReduceOp.MAX
-    while True:
-        item = next(iterator, None)
-        flag = torch.tensor([0 if item is None else 1], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=op)
-        if not int(flag.item()):
-            return
-        yield item
-
-
-class StreamEpochs:
-    """Epochs over a streaming dataset: each rank reads its ``split_dataset_by_node`` part; a step
-    needs a batch on every rank, so the epoch ends when the first rank runs out (the few rows left on
-    the others are the only ones not seen that epoch)."""
-
-    def __init__(self, loaded: LoadedDataset, transform, global_batch: int, rank: int, world_size: int, seed: int,
-                 num_workers: int, device):
-        self.loaded, self.transform, self.global_batch = loaded, transform, global_batch
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.num_workers, self.device = num_workers, device
-        self.steps_per_epoch = max(1, loaded.num_instances // global_batch)
-
-    def remaining_steps(self, epoch: int, offset: int) -> int:
-        return max(0, self.steps_per_epoch - offset // self.global_batch)
-
-    def batches(self, epoch: int, offset: int):
-        per_rank = self.global_batch // self.world_size
-        shard = StreamShard(self.loaded, self.transform, self.rank, self.world_size, self.seed, epoch,
-                            skip=(offset // self.global_batch) * per_rank)
-        loader = torch.utils.data.DataLoader(shard, batch_size=per_rank, collate_fn=collate,
-                                             num_workers=self.num_workers, drop_last=True)
-        start = offset
-        for batch in lockstep(iter(loader), self.device, until="any"):
-            yield start, start + self.global_batch, batch
-            start += self.global_batch
-
-    def state_dict(self) -> dict:
-        return {"streaming": True, "seed": self.seed, "global_batch": self.global_batch}
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore: the epoch order is a function of (seed, epoch), the position is the offset."""

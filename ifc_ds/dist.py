@@ -122,6 +122,27 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def lockstep(iterator, device, until: str = "all"):
+    """Yields ``next(iterator)`` (None once it is exhausted) in lockstep with the other ranks, whose
+    shards may differ in length: ``until="all"`` stops once every rank is done (the others get None:
+    collectives that accept empty inputs), ``"any"`` as soon as one rank is done."""
+    op = dist.ReduceOp.MIN if until == "any" else dist.ReduceOp.MAX
+    while True:
+        item = next(iterator, None)
+        flag = torch.tensor([0 if item is None else 1], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=op)
+        if not int(flag.item()):
+            return
+        yield item
+
+
 class RankAloneMPU:
     """The ``mpu`` DeepSpeed is given for the classifier engine.
 

@@ -1,13 +1,14 @@
 """DeepSpeed wiring: the data-parallel backbone engine, the classifier-shard engine, the LR schedule.
 
-Two engines, one training step::
+Two engines, one training step (``gradient_accumulation_steps`` micro-batches)::
 
-    features = backbone(images)                          # [B_local, D], data parallel
-    leaf = features.detach().requires_grad_()
-    loss = classifier(leaf, ids, k, eps)                 # sharded rows, same loss on every rank
-    classifier.backward(loss)                            # weight.grad (own rows) + leaf.grad
-    backbone.backward((features * leaf.grad).sum(), scale_wrt_gas=False)
-    classifier.step(); backbone.step()
+    for images, ids in micro_batches:                    # gas micro-batches of this rank's batch
+        features = backbone(images)                      # [B_micro, D], data parallel
+        leaf = features.detach().requires_grad_()
+        loss = classifier(leaf, ids, k, eps)             # sharded rows, same loss on every rank
+        classifier.backward(loss * weight)               # weight.grad (own rows) + leaf.grad
+        backbone.backward((features * leaf.grad).sum())  # both accumulate locally
+    classifier.step(); backbone.step()                   # reduce (backbone) and update, once
 
 The surrogate ``(features * leaf.grad).sum()`` has exactly ``leaf.grad`` as its gradient w.r.t.
 ``features``, so the backbone receives the true gradient while each engine keeps its own gradient
@@ -15,12 +16,20 @@ reduction: the backbone's is averaged over all ranks (ZeRO 0/1/2 from the ds_con
 classifier's is never averaged because its engine's data-parallel group is the rank alone
 (``RankAloneMPU``). ZeRO still partitions/offloads the classifier's optimizer state: the ds_config's
 ``offload_optimizer`` section applies to both engines.
+
+Gradient accumulation runs in DeepSpeed's unmanaged mode (``managed_gradient_accumulation: false``;
+with one micro-batch per step DeepSpeed's default mode is the same thing):
+``backward`` only accumulates and ``step`` is the boundary, so the trainer decides what a step is. A
+micro-batch's loss is weighted by its share of the step's global batch, so ``gas`` micro-batches of
+``B`` give the gradient of one batch of ``gas * B``; a non-finite micro-batch contributes nothing, and
+a step none of whose micro-batches was finite is not taken at all.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +42,7 @@ from ifc_ds.config import Config, ConfigError
 from ifc_ds.dist import RankAloneMPU
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
 
 
 def read_ds_config(path: str) -> dict:
@@ -60,6 +70,13 @@ def backbone_ds_config(ds_config: dict, micro_batch: int, world_size: int) -> di
     gas = cfg.get("gradient_accumulation_steps", 1)
     if gas == "auto":
         gas = 1
+    if not isinstance(gas, int) or isinstance(gas, bool) or gas < 1:
+        raise ConfigError(f"ds_config gradient_accumulation_steps must be a positive integer, got {gas!r}")
+    if gas > 1:
+        if cfg.get("managed_gradient_accumulation", False):
+            raise ConfigError("ds_config managed_gradient_accumulation=true is not supported: ifc_ds owns the "
+                              "accumulation boundary (one optimizer step = gradient_accumulation_steps micro-batches)")
+        cfg["managed_gradient_accumulation"] = False  # with one micro-batch, every step is a boundary anyway
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     cfg["gradient_accumulation_steps"] = gas
     cfg["train_batch_size"] = micro_batch * gas * world_size
@@ -72,6 +89,12 @@ def backbone_ds_config(ds_config: dict, micro_batch: int, world_size: int) -> di
     if cfg.get("zero_optimization", {}).get("offload_optimizer"):
         cfg["zero_force_ds_cpu_optimizer"] = False  # SGD/LARS from torch/timm run on the offloaded state
     return cfg
+
+
+def accumulation_steps(cfg: Config) -> int:
+    """Micro-batches per optimizer step: the ds_config's ``gradient_accumulation_steps``."""
+    return backbone_ds_config(read_ds_config(cfg.train.ds_config), cfg.train.batch_size, 1)[
+        "gradient_accumulation_steps"]
 
 
 def classifier_ds_config(backbone_cfg: dict, grad_clip: float) -> dict:
@@ -121,9 +144,22 @@ class Engines:
     classifier: deepspeed.DeepSpeedEngine
     base_lr: float  # backbone LR after batch scaling
     schedule: dict  # {"total": steps, "warmup": steps}: read by both LR schedules at every step
+    accumulation_steps: int = 1  # micro-batches per optimizer step
+    classifier_lr_scale: float = 1.0
 
     def dtype(self) -> torch.dtype:
         return next(self.backbone.module.parameters()).dtype
+
+    def set_schedule_step(self, step: int) -> None:
+        """Puts both LR schedules at optimizer step ``step`` with base LRs from *this* run's config and
+        global batch: ``LambdaLR.load_state_dict`` would restore the checkpoint's base LRs, so a new
+        ``train.lr``, ``classifier_lr_scale`` or global batch would be ignored after a resume."""
+        for engine, base in ((self.backbone, self.base_lr), (self.classifier, self.base_lr * self.classifier_lr_scale)):
+            scheduler = engine.lr_scheduler
+            scheduler.base_lrs = [base] * len(scheduler.optimizer.param_groups)
+            scheduler.last_epoch = step
+            for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+                group["lr"] = base * factor(step)
 
 
 def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_per_epoch: int,
@@ -164,24 +200,52 @@ def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_
     bb_engine, _, _, _ = deepspeed.initialize(
         model=encoder, optimizer=bb_opt, config=ds_cfg,
         lr_scheduler=torch.optim.lr_scheduler.LambdaLR(bb_opt, schedule), dist_init_required=False)
-    return Engines(backbone=bb_engine, classifier=clf_engine, base_lr=lr, schedule=plan)
+    _match_norm_buffers_on_cpu(bb_engine.module)
+    return Engines(backbone=bb_engine, classifier=clf_engine, base_lr=lr, schedule=plan,
+                   accumulation_steps=ds_cfg["gradient_accumulation_steps"],
+                   classifier_lr_scale=cfg.train.classifier_lr_scale)
+
+
+def _match_norm_buffers_on_cpu(module: nn.Module) -> None:
+    """DeepSpeed's bf16/fp16 casts parameters but keeps batch-norm statistics in fp32. CUDA's kernels
+    take that mix; the CPU kernel needs statistics of the parameters' dtype, so on CPU (tests, smoke
+    runs) they are cast too."""
+    for norm in module.modules():
+        if isinstance(norm, nn.modules.batchnorm._NormBase) and norm.weight is not None \
+                and norm.weight.device.type == "cpu" and norm.running_mean is not None \
+                and norm.running_mean.dtype != norm.weight.dtype:
+            norm.running_mean.data = norm.running_mean.data.to(norm.weight.dtype)
+            norm.running_var.data = norm.running_var.data.to(norm.weight.dtype)
 
 
 def train_step(engines: Engines, images: torch.Tensor, ids: torch.Tensor, smoothing_k: int, smoothing_eps: float,
-               on_features=None) -> torch.Tensor | None:
-    """One micro-step (forward + both backwards); returns the loss (detached, same on all ranks), or
-    None without any backward when the loss is not finite (the caller skips the step).
-    ``on_features(features [B, D], ids [B])`` runs between the backbone and the classifier."""
-    features = engines.backbone(images.to(engines.dtype()))
-    leaf = features.detach().float().requires_grad_()
-    if on_features is not None:
-        on_features(leaf.detach(), ids)
-    loss = engines.classifier(leaf, ids, smoothing_k=smoothing_k, smoothing_eps=smoothing_eps)
-    if not torch.isfinite(loss).item():  # one host sync per step; the loss is the same on every rank
-        return None
-    engines.classifier.backward(loss)
-    engines.backbone.backward((features * leaf.grad.to(features.dtype)).sum(), scale_wrt_gas=False)
-    return loss.detach()
+               on_features=None, step_batch: int | None = None) -> torch.Tensor | None:
+    """Forward + both backwards of one optimizer step: this rank's ``images [B, ...]`` and ``ids [B]``
+    split into ``engines.accumulation_steps`` micro-batches, whose gradients accumulate. Returns the
+    step's loss (detached, the same on all ranks), or None when no micro-batch was finite: then nothing
+    was accumulated and the caller skips ``optimizer_step``. ``step_batch``: the step's global batch
+    (default: this rank's batch times the world size), which weights each micro-batch's loss by its
+    share. ``on_features(features [b, D], ids [b])`` runs between the backbone and the classifier."""
+    gas = engines.accumulation_steps
+    step_batch = step_batch or images.shape[0] * engines.backbone.dp_world_size
+    total, dropped = None, 0
+    for micro_images, micro_ids in zip(torch.tensor_split(images, gas), torch.tensor_split(ids, gas)):
+        features = engines.backbone(micro_images.to(engines.dtype()))
+        leaf = features.detach().float().requires_grad_()
+        if on_features is not None:
+            on_features(leaf.detach(), micro_ids)
+        loss = engines.classifier(leaf, micro_ids, smoothing_k=smoothing_k, smoothing_eps=smoothing_eps)
+        if not torch.isfinite(loss).item():  # one host sync per micro-batch; the loss is the same on every rank
+            dropped += 1
+            continue
+        share = engines.classifier.module.last_batch_size / step_batch  # of the step's global batch
+        engines.classifier.backward(loss * share, scale_wrt_gas=False)
+        engines.backbone.backward((features * leaf.grad.to(features.dtype)).sum(), scale_wrt_gas=False)
+        total = loss.detach() * share if total is None else total + loss.detach() * share
+    if dropped and total is not None:
+        log.warning("%d of %d micro-batches had a non-finite loss and contribute no gradient to this step",
+                    dropped, gas)
+    return total
 
 
 def optimizer_step(engines: Engines) -> None:
@@ -191,3 +255,7 @@ def optimizer_step(engines: Engines) -> None:
 
 def current_lr(engines: Engines) -> float:
     return engines.backbone.get_lr()[0]
+
+
+def current_classifier_lr(engines: Engines) -> float:
+    return engines.classifier.get_lr()[0]

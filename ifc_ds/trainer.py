@@ -17,24 +17,22 @@ from ifc_ds.augment import eval_crop_pct, eval_transform, train_transform
 from ifc_ds.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, seed_everything
 from ifc_ds.classifier import ShardedInstanceClassifier
 from ifc_ds.config import Config, save_config
-from ifc_ds.data import (
-    InstanceBatchSampler,
-    InstanceDataset,
-    MapEpochs,
-    StreamEpochs,
-    StreamShard,
-    default_num_workers,
-    load_dataset,
-    lockstep,
-    make_loader,
+from ifc_ds.data import InstanceBatchSampler, InstanceDataset, MapEpochs, default_num_workers, load_dataset, make_loader
+from ifc_ds.dist import all_reduce_sum, device, init_distributed, is_main, local_world_size, lockstep, rank, world_size
+from ifc_ds.engine import (
+    accumulation_steps,
+    build_engines,
+    current_classifier_lr,
+    current_lr,
+    optimizer_step,
+    train_step,
 )
-from ifc_ds.dist import all_reduce_sum, device, init_distributed, is_main, local_world_size, rank, world_size
-from ifc_ds.engine import build_engines, current_lr, optimizer_step, train_step
 from ifc_ds.features import extract_features, shard_batches
 from ifc_ds.hooks import TrainState, build_hooks, hook_names
 from ifc_ds.knn import knn_predict, topk_accuracy
 from ifc_ds.model import InstanceEncoder, data_config
 from ifc_ds.observe import Observer, plot_curves, setup_logging
+from ifc_ds.streaming import StreamEpochs, StreamShard
 
 log = logging.getLogger("ifc_ds")
 
@@ -42,15 +40,25 @@ EXIT_OK = 0
 EXIT_PREEMPTED = 75  # checkpointed on SIGTERM/SIGUSR1: requeue and resume (EX_TEMPFAIL)
 EXIT_NONFINITE = 65  # too many consecutive non-finite losses; the last good checkpoint is intact
 EXIT_PEER_LOST = 69  # another rank died or a collective timed out (EX_UNAVAILABLE)
+EXIT_FAILED = 1  # this rank failed (its traceback is logged)
+EXIT_USAGE = 2  # bad config, dataset spec or checkpoint: one line says what
 
 
 def is_peer_failure(exc: BaseException) -> bool:
-    """A collective failed because a peer is gone (gloo: connection closed/reset) or timed out."""
-    if isinstance(exc, getattr(dist, "DistError", ())):
-        return True
+    """A collective failed because a peer is gone or did not answer in time, as opposed to a failure of
+    this rank's own (a bug, a CUDA OOM surfaced through NCCL, a crashed DataLoader worker).
+
+    torch.distributed raises typed errors for NCCL and the stores; gloo raises plain RuntimeErrors from
+    its transport layer ("Connection reset by peer", "Timed out waiting ... for recv"), recognised by
+    their source path."""
     text = str(exc)
-    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out",
-                                   "NCCL", "ProcessGroupGloo"))
+    if "out of memory" in text.lower():
+        return False
+    typed = tuple(getattr(dist, name) for name in ("DistBackendError", "DistNetworkError", "DistStoreError")
+                  if hasattr(dist, name))
+    if isinstance(exc, typed):
+        return True
+    return isinstance(exc, RuntimeError) and "gloo/transport" in text
 
 
 class StopSignal:
@@ -115,7 +123,7 @@ def _feature_pass(engines, loaded, transform, dev, num_workers):
 
     def run(batch_size: int):
         if loaded.stream is not None:
-            shard = StreamShard(loaded, transform, rank(), world_size(), shuffle_buffer=0)
+            shard = StreamShard(loaded.stream, transform, rank(), world_size(), shuffle=False)
             batches = lockstep(iter(make_loader(shard, batch_size=batch_size)), dev, until="all")
         else:
             batches = shard_batches(loaded, transform, batch_size, num_workers)
@@ -149,12 +157,13 @@ def run(cfg: Config) -> int:
     encoder = InstanceEncoder(cfg.model, cfg.data.image_size)
     classifier = ShardedInstanceClassifier(n, cfg.model.dim, cfg.classifier.temperature,
                                            chunk_size=cfg.classifier.chunk_size).to(dev)
-    global_batch = cfg.train.batch_size * world
+    micro_batches = accumulation_steps(cfg)  # per optimizer step: one step = one sampler batch
+    global_batch = cfg.train.batch_size * world * micro_batches
     views = train_transform(cfg.augment, cfg.data.image_size, mean, std)
     if loaded.stream is not None:
         epochs = StreamEpochs(loaded, views, global_batch, rank(), world, cfg.seed, num_workers, dev)
     else:
-        sampler = InstanceBatchSampler(n, global_batch, rank(), world, cfg.seed)
+        sampler = InstanceBatchSampler(n, global_batch, rank(), world, cfg.seed, min_per_rank=2 * micro_batches)
         epochs = MapEpochs(InstanceDataset(loaded, views), sampler, num_workers, dev.type == "cuda", cfg.seed)
     steps_per_epoch = epochs.steps_per_epoch
     engines = build_engines(cfg, encoder, classifier, steps_per_epoch, world)
@@ -173,6 +182,7 @@ def run(cfg: Config) -> int:
         saved = load_checkpoint(resume_from, engines, cfg, n)
         state.step, state.epoch, offset = saved["step"], saved["epoch"], saved["offset"]
         evals, bad_images = saved.get("evals", []), saved.get("bad_images", 0)
+        epochs.load_state_dict(saved.get("data", {}))
         for hook, hook_state in zip(hooks, saved["hooks"]):
             hook.load_state_dict(hook_state)
         log.info("resumed from %s at step %d (epoch %d, position %d)", resume_from, state.step, state.epoch, offset)
@@ -181,8 +191,7 @@ def run(cfg: Config) -> int:
 
     def trainer_state() -> dict:
         return {"step": state.step, "epoch": state.epoch, "offset": offset, "hooks": [h.state_dict() for h in hooks],
-                "classifier_lr_scheduler": engines.classifier.lr_scheduler.state_dict(), "evals": evals,
-                "bad_images": bad_images, "sampler": epochs.state_dict()}
+                "evals": evals, "bad_images": bad_images, "data": epochs.state_dict()}
 
     def checkpoint() -> None:
         save_checkpoint(cfg.output_dir, state.step, engines, trainer_state(), cfg, cfg.checkpoint.keep_last)
@@ -205,6 +214,7 @@ def run(cfg: Config) -> int:
     remaining += (cfg.train.epochs - state.epoch - (1 if offset else 0)) * steps_per_epoch
     total_steps = state.step + max(0, remaining)
     engines.schedule["total"] = max(1, total_steps)
+    engines.set_schedule_step(state.step)  # base LRs from this config and global batch, also after a resume
     last_step = min(total_steps, cfg.train.max_steps or total_steps)
     observer = Observer(cfg.output_dir, last_step, state.step, cfg.log.progress, cfg.log.tensorboard)
     for hook in hooks:
@@ -227,7 +237,8 @@ def run(cfg: Config) -> int:
                         hook.on_features(state, features, batch_ids)
 
                 # None: the loss was not finite (same on every rank) and nothing was applied
-                loss = train_step(engines, images, ids, state.smoothing_k, state.smoothing_eps, features_hook)
+                loss = train_step(engines, images, ids, state.smoothing_k, state.smoothing_eps, features_hook,
+                                  step_batch=end - start)
                 if loss is None:
                     nonfinite += 1
                     log.warning("non-finite loss at step %d (%d in a row): step skipped", state.step + 1, nonfinite)
@@ -248,7 +259,8 @@ def run(cfg: Config) -> int:
                 metrics = None
                 if log_now:
                     metrics = {"step": state.step, "epoch": state.epoch + offset / max(1, n), "loss": loss.item(),
-                               "lr": current_lr(engines), "images_per_sec": observer.images_per_sec(),
+                               "lr": current_lr(engines), "classifier_lr": current_classifier_lr(engines),
+                               "images_per_sec": observer.images_per_sec(),
                                "instance_acc": classifier.last_accuracy.item(),
                                "smoothing_eps": state.smoothing_eps}
                 observer.step(metrics)
@@ -256,10 +268,10 @@ def run(cfg: Config) -> int:
                     log.warning("stop signal received: checkpointing at step %d and exiting", state.step)
                     exit_code = EXIT_PREEMPTED
                     break
+                if state.step >= last_step:
+                    break  # the final checkpoint follows
                 if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
                     checkpoint()
-                if state.step >= last_step:
-                    break
             else:
                 epoch_done = True
             if exit_code != EXIT_OK:
@@ -273,7 +285,8 @@ def run(cfg: Config) -> int:
                 state.epoch, offset = state.epoch + 1, 0
                 if cfg.eval.every_epochs and state.epoch % cfg.eval.every_epochs == 0 and state.step < last_step:
                     evaluate()
-                if cfg.checkpoint.every_epochs and state.epoch % cfg.checkpoint.every_epochs == 0:
+                finished = state.step >= last_step or state.epoch >= cfg.train.epochs  # the final one follows
+                if cfg.checkpoint.every_epochs and state.epoch % cfg.checkpoint.every_epochs == 0 and not finished:
                     checkpoint()
         if exit_code == EXIT_PREEMPTED:
             checkpoint()

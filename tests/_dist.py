@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import multiprocessing
 import os
 import tempfile
 import traceback
@@ -14,6 +15,9 @@ import torch.multiprocessing as mp
 
 def _entry(rank: int, world_size: int, tmp: str, fn, args) -> None:
     torch.set_num_threads(1)
+    # a rank started by a launcher (deepspeed, torchrun, srun) forks its DataLoader workers; a rank
+    # started by mp.spawn would spawn them (seconds of imports each)
+    multiprocessing.set_start_method("fork", force=True)
     # what a launcher sets (DeepSpeed's engine checks LOCAL_RANK)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world_size,

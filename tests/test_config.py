@@ -22,6 +22,7 @@ def test_yaml_and_overrides(tmp_path):
     ("model.small_images=maybe", "expected true/false"),
     ("train=3", "expected a section"),
     ("hooks.smoothing.eps=1.5", "eps must be in"),
+    ("eval.holdout=0", "eval.holdout=0 with no eval.test"),  # the default eval.train has no eval.test
 ])
 def test_bad_overrides_are_clear(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -41,3 +42,8 @@ def test_dotted_override_updates_a_mapping_in_place():
     assert cfg.datasets["cifar10"].limit_train == 10000 and cfg.datasets["cifar10"].train.endswith("train.parquet")
     cfg = load_config(None, ["model.kwargs={drop_path_rate: 0.1}", "model.kwargs.drop_rate=0.2"])
     assert cfg.model.kwargs == {"drop_path_rate": 0.1, "drop_rate": 0.2}
+
+
+def test_holdout_zero_is_fine_with_a_test_split_or_no_monitor():
+    assert load_config(None, ["eval.holdout=0", "eval.test=sklearn:digits"]).eval.holdout == 0
+    assert load_config(None, ["eval.holdout=0", "eval.train=null"]).eval.train is None

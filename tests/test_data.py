@@ -194,28 +194,6 @@ def test_cifar10_through_a_path_setting(cifar10_dir):
     assert loaded.num_instances == 100 and loaded.num_classes == 10
 
 
-def test_streaming_shards_cover_every_instance_once(sources):
-    from ifc_ds.data import StreamShard
-
-    loaded = load_dataset(sources["parquet"] + ":streaming=true")
-    assert loaded.stream is not None and loaded.num_instances == 12
-    seen = []
-    for rank in range(3):
-        shard = StreamShard(loaded, transform=lambda im: 0, rank=rank, world_size=3, seed=1, epoch=0, shuffle_buffer=4)
-        seen += [sample[1] for sample in shard]
-    assert sorted(seen) == list(range(12))
-    again = StreamShard(loaded, transform=lambda im: 0, rank=0, world_size=3, seed=1, epoch=0, shuffle_buffer=4)
-    first = [s[1] for s in again]
-    skipped = StreamShard(loaded, transform=lambda im: 0, rank=0, world_size=3, seed=1, epoch=0, shuffle_buffer=4,
-                          skip=2)
-    assert [s[1] for s in skipped] == first[2:]  # a mid-epoch resume continues the same order
-    # ids are row positions, as in the map-style table
-    table = load_dataset(sources["parquet"])
-    stream_pixels = {s[1]: int(s[0][0, 0, 0]) for s in StreamShard(
-        loaded, transform=lambda im: torch.from_numpy(np.asarray(im)).permute(2, 0, 1), rank=0, world_size=1)}
-    assert stream_pixels == {i: _pixel(table, i) for i in range(12)}
-
-
 def test_augment_preview_png(tmp_path):
     from ifc_ds.augment import main
 

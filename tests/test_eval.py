@@ -24,6 +24,45 @@ def test_linear_probe_separable_features_reach_100():
     assert set(out["linear_val_sweep"]) == {"0.0", "0.001"}
 
 
+def _probe_data():
+    gen = torch.Generator().manual_seed(1)
+    centers = torch.randn(3, 16, generator=gen)
+    y = torch.randint(0, 3, (300,), generator=gen)
+    return centers[y] + torch.randn(300, 16, generator=gen), y
+
+
+def _linear_probe_split(rank, world_size, expected):
+    import eval.linear as linear
+
+    calls = []
+    real = linear._fit
+    linear._fit = lambda x, *a: calls.append(len(x)) or real(x, *a)
+    x, y = _probe_data()
+    out = linear.linear_probe(x[:200], y[:200], x[200:], y[200:], 3, weight_decays=(0.0, 1e-3, 1e-2), max_iter=30)
+    assert out == expected  # the same result on every rank as in one process
+    # the sweep is split (3 candidates: 2 + 1 fits on 180 rows), the final fit (200 rows) on rank 0 only
+    assert calls == ([180, 180, 200] if rank == 0 else [180])
+
+
+def test_linear_probe_splits_its_sweep_over_ranks():
+    x, y = _probe_data()
+    expected = linear_probe(x[:200], y[:200], x[200:], y[200:], 3, weight_decays=(0.0, 1e-3, 1e-2), max_iter=30)
+    spawn_ranks(_linear_probe_split, 2, expected)
+
+
+def test_finetune_on_an_empty_loader_is_a_clear_error(monkeypatch):
+    import eval.semi as semi
+    from ifc_ds.config import load_config
+    from ifc_ds.data import load_dataset
+    from ifc_ds.model import InstanceEncoder
+
+    monkeypatch.setattr(semi, "make_loader", lambda *a, **k: [])
+    encoder = InstanceEncoder(load_config(None, ["model.name=test_resnet"]).model, 16)
+    with pytest.raises(ValueError, match="no labelled batch"):
+        finetune(encoder.backbone, encoder.backbone.num_features, load_dataset("sklearn:digits:limit=100"), 10, 0.2,
+                 16, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"), epochs=1)
+
+
 def test_balanced_subsets_are_balanced_and_reproducible():
     labels = np.repeat(np.arange(10), 500)
     for fraction in (0.01, 0.1):
@@ -131,3 +170,57 @@ def test_suite_defaults_to_the_runs_monitor_pair(trained, tmp_path):
     default_datasets(cfg, str(fake))
     entry = cfg.datasets["monitor"]
     assert (entry.train, entry.test, entry.limit_train) == ("sklearn:digits", "x/y", 7)
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_export_takes_the_fp32_master_weights_of_a_bf16_run(tmp_path, zero):
+    """A bf16 run keeps bf16 working weights in the module and fp32 masters in the optimizer (ZeRO-0:
+    per parameter group; ZeRO-2: flat partitions): the export must carry the masters."""
+    ds_config = tmp_path / "bf16.json"
+    ds_config.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": zero}}))
+    out = tmp_path / "run"
+    assert run_ranks(1, [f"output_dir={out}", "train.batch_size=16", "train.max_steps=3",
+                         f"train.ds_config={ds_config}"], tmp_path / "logs") == [0]
+    exported = tmp_path / "backbone.safetensors"
+    proc = subprocess.run([sys.executable, "eval/suite.py", "export", "--checkpoint", str(out), "--out",
+                           str(exported)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    from ifc_ds.checkpoint import find_checkpoint
+
+    weights = load_file(exported)
+    working = torch.load(find_checkpoint(str(out), "auto") / "engine" / "backbone" / "mp_rank_00_model_states.pt",
+                         weights_only=False)["module"]
+    params = [name for name in weights if "running" not in name and "num_batches" not in name]
+    assert params and all(working[f"backbone.{n}"].dtype == torch.bfloat16 for n in params)
+    for name in params:
+        master = weights[name]
+        assert master.dtype == torch.float32
+        assert torch.equal(master.bfloat16(), working[f"backbone.{name}"]), name  # its bf16 copy is the module's
+    # ... and it is not that copy: trained weights carry bits below bf16's resolution
+    assert sum(not torch.equal(weights[n], weights[n].bfloat16().float()) for n in params) > len(params) // 2
+
+
+def test_feature_cache_follows_the_checkpoints_content(trained, tmp_path):
+    """A checkpoint rewritten at the same path (a re-run into the same output_dir) must not be served
+    the previous features from the cache."""
+    import shutil
+
+    from eval.suite import _cached_features, _from_checkpoint, load_suite_config
+    from ifc_ds.checkpoint import find_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(find_checkpoint(str(trained), "auto"), ckpt)
+    cfg = load_suite_config(None, [f"output_dir={tmp_path / 'eval'}", "batch_size=64"])
+    cpu = torch.device("cpu")
+    first = _cached_features(_from_checkpoint(str(ckpt), cfg), "sklearn:digits:limit=64", None, cfg, cpu, "train")[0]
+    states_file = ckpt / "engine" / "backbone" / "mp_rank_00_model_states.pt"
+    states = torch.load(states_file, weights_only=False)
+    states["module"] = {k: v * 0.5 if v.is_floating_point() and "running" not in k else v
+                        for k, v in states["module"].items()}
+    torch.save(states, states_file)  # new weights, same path and meta.json
+    again = _cached_features(_from_checkpoint(str(ckpt), cfg), "sklearn:digits:limit=64", None, cfg, cpu, "train")[0]
+    assert not torch.equal(first, again)
+    cached = _cached_features(_from_checkpoint(str(ckpt), cfg), "sklearn:digits:limit=64", None, cfg, cpu, "train")[0]
+    assert torch.equal(cached, again)  # an unchanged checkpoint still hits the cache

@@ -14,7 +14,8 @@ import torch
 
 from ifc_ds.checkpoint import CheckpointError, check_compatible, find_checkpoint
 from ifc_ds.config import load_config
-from ifc_ds.trainer import EXIT_NONFINITE, EXIT_PEER_LOST, EXIT_PREEMPTED
+from ifc_ds.engine import warmup_cosine
+from ifc_ds.trainer import EXIT_FAILED, EXIT_NONFINITE, EXIT_PEER_LOST, EXIT_PREEMPTED
 from tests._launch import REPO, TINY, logs, run_ranks, start_ranks, wait_ranks
 
 
@@ -52,6 +53,20 @@ def ok(codes, log_dir):
     assert codes == [0] * len(codes), logs(log_dir)
 
 
+def assert_lr(row: dict, base: float, total: int, warmup: int):
+    """The LRs logged after optimizer step ``row["step"]``: ``base`` (train.lr x global batch / 256) on
+    the schedule of ``total`` steps, and the classifier's at classifier_lr_scale (10) times that."""
+    expected = base * warmup_cosine(row["step"], total, warmup, 0.0)
+    assert row["lr"] == pytest.approx(expected, rel=1e-9), (row, expected)
+    assert row["classifier_lr"] == pytest.approx(10 * expected, rel=1e-9), row
+
+
+def saves(log_dir: Path) -> list[str]:
+    """The checkpoints rank 0 published, in order."""
+    lines = (log_dir / "rank0.log").read_text().splitlines()
+    return [line.split("checkpoint ")[1].split()[0] for line in lines if "ifc_ds.checkpoint: checkpoint " in line]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted 2-rank run of 9 steps (3 epochs) with checkpoints every 2 steps."""
@@ -74,6 +89,10 @@ def test_two_rank_run_outputs_and_falling_loss(tmp_path):
     assert last < first - 0.05, (first, last)
     ev = json.loads((out / "eval.json").read_text())
     assert 0.0 <= ev["knn_top1"] <= 1.0 and len(ev["history"]) == 2  # after epoch 2, and at the end
+    # one checkpoint per epoch end, the last one written once, after the final evaluation
+    assert saves(tmp_path / "logs") == ["step_00000003", "step_00000006", "step_00000009", "step_00000012"]
+    assert len(torch.load(out / "checkpoints" / "step_00000012" / "trainer" / "state.pt",
+                          weights_only=False)["evals"]) == 2
     assert load_config(out / "config.yaml").train.epochs == 4
 
 
@@ -104,6 +123,11 @@ def test_elastic_resume_from_two_ranks(tmp_path, reference, new_world):
     final = torch.load(find_checkpoint(str(out), "auto") / "trainer" / "state.pt", weights_only=False)
     assert (final["epoch"], final["offset"]) == (3, 0)  # the 3 epochs completed, on another global batch
     assert metrics(out)[-1]["epoch"] == 3.0
+    # both LRs follow the new global batch (8 images per rank) on the re-planned schedule: the rest of
+    # epoch 2 (positions 16..48) plus epoch 3, the warm-up half an epoch of the new length
+    total, warmup = {1: (4 + 4 + 6, 3), 3: (4 + 1 + 2, 1)}[new_world]
+    for row in metrics(out):
+        assert_lr(row, 0.05 * 8 * new_world / 256, total, warmup)
 
 
 def test_elastic_resume_zero2_two_to_one(tmp_path):
@@ -120,6 +144,9 @@ def test_elastic_resume_zero2_two_to_one(tmp_path):
     latest = find_checkpoint(str(out), "auto")
     assert latest.name == "step_00000003" and torch.isfinite(rows(latest)["weight"]).all()
     assert not torch.equal(rows(latest)["weight"], before["weight"])  # it trained on
+    # the backbone (fresh ZeRO scheduler) and the classifier (restored one) both follow the new global
+    # batch of 16 on the re-planned schedule (1 step left in epoch 1, then epoch 2 of 3 steps)
+    assert_lr(metrics(out)[-1], 0.05 * 16 / 256, 2 + 1 + 3, 2)
 
 
 def test_elastic_resume_one_to_two(tmp_path):
@@ -257,3 +284,113 @@ def test_streaming_pretraining(tmp_path):
     m = metrics(out)
     assert m[-1]["epoch"] == 2.0 and len(m) == 6  # 48 // 16 = 3 steps per epoch
     assert torch.isfinite(rows(find_checkpoint(str(out), "auto"))["weight"]).all()
+
+
+def test_resume_with_a_new_learning_rate(tmp_path):
+    """A changed train.lr on resume takes effect for both engines: the resumed steps log the LRs of a
+    run that had the new value from the start (the checkpoint's LambdaLR base LRs are not kept)."""
+    out, fresh = tmp_path / "run", tmp_path / "fresh"
+    ok(run_ranks(2, [f"output_dir={out}", "train.max_steps=2"], tmp_path / "a"), tmp_path / "a")
+    ok(run_ranks(2, [f"output_dir={out}", "train.max_steps=4", "train.lr=0.5"], tmp_path / "b"), tmp_path / "b")
+    assert "train.lr: 0.05 -> 0.5" in (tmp_path / "b" / "rank0.log").read_text()
+    ok(run_ranks(2, [f"output_dir={fresh}", "train.max_steps=4", "train.lr=0.5"], tmp_path / "c"), tmp_path / "c")
+    resumed, reference = metrics(out)[2:], metrics(fresh)[2:]
+    assert [r["step"] for r in resumed] == [3, 4]
+    for row, ref in zip(resumed, reference):
+        assert (row["lr"], row["classifier_lr"]) == (ref["lr"], ref["classifier_lr"])
+        assert_lr(row, 0.5 * 16 / 256, 6, 2)
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    """gradient_accumulation_steps=2 with 4 images per micro-batch: a step is 2 micro-batches (a global
+    batch of 16 on 2 ranks), so the schedule, the checkpoints, DeepSpeed's own step count and the
+    sampler all count optimizer steps, exactly as with 8 images per rank and no accumulation."""
+    ds_config = tmp_path / "gas2.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": 0}, "gradient_accumulation_steps": 2}))
+    out, plain = tmp_path / "run", tmp_path / "plain"
+    ok(run_ranks(2, [f"output_dir={out}", "train.batch_size=4", f"train.ds_config={ds_config}"], tmp_path / "a"),
+       tmp_path / "a")
+    ok(run_ranks(2, [f"output_dir={plain}"], tmp_path / "b"), tmp_path / "b")
+    m, ref = metrics(out), metrics(plain)
+    assert [r["step"] for r in m] == [1, 2, 3, 4, 5, 6] and m[-1]["epoch"] == 2.0
+    assert [(r["lr"], r["classifier_lr"], r["smoothing_eps"]) for r in m] == \
+        [(r["lr"], r["classifier_lr"], r["smoothing_eps"]) for r in ref]
+    assert saves(tmp_path / "a") == ["step_00000003", "step_00000006"]
+    engine_state = torch.load(out / "checkpoints" / "step_00000006" / "engine" / "backbone" /
+                              "mp_rank_00_model_states.pt", weights_only=False)
+    assert engine_state["global_steps"] == 6 and engine_state["global_samples"] == 6 * 16
+
+
+CRASH_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from ifc_ds import checkpoint
+point = sys.argv[2]
+checkpoint._crash_point = lambda name: os.kill(os.getpid(), signal.SIGKILL) if name == point else None
+root = Path(sys.argv[1])
+checkpoint.publish(root, root / ".tmp-step_00000004", "step_00000004", keep_last=2)
+"""
+
+
+@pytest.mark.parametrize("point", ["renamed", "pointed", "never"])
+def test_replacing_a_checkpoint_is_atomic(tmp_path, point):
+    """Re-saving a step (SIGKILL at each point between the operations): resume=auto always finds a
+    complete checkpoint of that step, old or new, and a finished re-save leaves only the new one."""
+    root = tmp_path / "checkpoints"
+    for name, content in (("step_00000004", "old"), (".tmp-step_00000004", "new")):
+        (root / name).mkdir(parents=True)
+        (root / name / "meta.json").write_text(json.dumps({"step": 4, "content": content}))
+    (root / "latest").write_text("step_00000004")
+    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(root), point], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == (-signal.SIGKILL if point != "never" else 0), proc.stderr
+    found = find_checkpoint(str(tmp_path), "auto")
+    content = json.loads((found / "meta.json").read_text())["content"]
+    assert json.loads((found / "meta.json").read_text())["step"] == 4
+    assert content == ("old" if point == "renamed" and found.name == "step_00000004" else "new")
+    if point == "never":
+        assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004.1"]
+
+
+FAILURE_SCRIPT = """
+import sys, torch
+from ifc_ds import data, engine
+if sys.argv[1] == "worker":
+    real = data.InstanceDataset.__getitem__
+    def crash(self, index):
+        import os
+        if torch.utils.data.get_worker_info() is not None:
+            os._exit(3)  # a worker dies (OOM killer, segfault in a decoder)
+        return real(self, index)
+    data.InstanceDataset.__getitem__ = crash
+else:
+    def step(*args, **kwargs):
+        raise RuntimeError("NCCL-free failure: the step timed out on something of its own")
+    engine.train_step = step
+    import ifc_ds.trainer
+    ifc_ds.trainer.train_step = step
+sys.argv = ["train.py"] + sys.argv[2:]
+import train
+sys.exit(train.main())
+"""
+
+
+@pytest.mark.parametrize("failure", ["worker", "step"])
+def test_own_failures_keep_their_traceback_and_do_not_claim_a_lost_peer(tmp_path, failure):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", FAILURE_SCRIPT, failure, *TINY, f"output_dir={tmp_path / 'run'}",
+                           "train.batch_size=16", "data.num_workers=1", "hooks.raw_init.enabled=false"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == EXIT_FAILED and proc.returncode != EXIT_PEER_LOST, output[-3000:]
+    assert "Traceback (most recent call last)" in output and "a peer rank died" not in output
+    assert ("exited unexpectedly" if failure == "worker" else "on something of its own") in output
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", *TINY, f"output_dir={tmp_path}",
+                           "data.train=parquet:/nonexistent/*.parquet"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "DatasetSpecError: dataset 'parquet:/nonexistent/*.parquet': no file matches" in proc.stderr
+    assert "Traceback" not in proc.stderr
