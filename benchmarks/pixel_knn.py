@@ -17,7 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from ifc_ds.augment import eval_transform  # noqa: E402
+from ifc_ds.augment import DeviceViews  # noqa: E402
+from ifc_ds.config import AugmentConfig  # noqa: E402
+from ifc_ds.crops import SampleCrop  # noqa: E402
 from ifc_ds.data import load_dataset  # noqa: E402
 from ifc_ds.features import extract_features  # noqa: E402
 from ifc_ds.knn import knn_predict, topk_accuracy  # noqa: E402
@@ -32,12 +34,13 @@ def main():
     args = parser.parse_args()
     start = time.time()
     mean, std = data_config("resnet18")
-    transform = eval_transform(args.image_size, mean, std, 1.0)
+    crop, views = SampleCrop(args.image_size, train=False), DeviceViews(AugmentConfig(), args.image_size, mean, std,
+                                                                         channels_last=False)
     cpu = torch.device("cpu")
     rows = {}
     for split, limit in (("train", args.limit_train), ("test", None)):
         loaded = load_dataset(f"parquet:{args.data}/{split}.parquet", limit=limit)
-        feats, labels, _ = extract_features(lambda x: x.flatten(1), loaded, transform, 512, cpu)
+        feats, labels, _ = extract_features(lambda x: x.flatten(1), loaded, crop, views, 512, cpu)
         rows[split] = (feats, labels, loaded.num_classes)
     (bank, bank_y, num_classes), (queries, query_y, _) = rows["train"], rows["test"]
     print(f"raw-pixel kNN, bank {len(bank):,} x {bank.shape[1]}, queries {len(queries):,}\n")

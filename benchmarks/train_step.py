@@ -1,31 +1,46 @@
-"""Classifier overhead in a real training step: the same data-parallel backbone engine (ResNet-18,
-32x32, channels-last inputs) with and without the sharded instance classifier, 2 gloo ranks.
+"""The training step, from the encoder alone to the whole trainer, on 2 gloo ranks (1 thread each):
 
-    python benchmarks/train_step.py                 # N = 50,000, 128 images per rank
+* encoder alone: plain torch, ResNet-18 32x32 + head, fwd + bwd + SGD, channels-last weights and
+  inputs, on a batch already in memory (no DeepSpeed, no classifier);
+* backbone engine only: the same through the DeepSpeed engine (gradient all-reduce included) with a
+  trivial loss;
+* with classifier: the trainer's step (``ifc_ds.engine.train_step`` + ``optimizer_step``) on batches
+  already in memory: both engines, the sharded classifier, N = 50,000;
+* end to end (``--end-to-end``): ``train.py`` itself on CIFAR-10 (``configs/cifar10.yaml``: data path,
+  device views, hooks, logging), its steady-state images/s from ``metrics.jsonl``.
+
+    python benchmarks/train_step.py                                   # the step table
+    python benchmarks/train_step.py --end-to-end --cifar ../shared/data/cifar10/train.parquet
+    python benchmarks/train_step.py --profile                         # where a trainer step's time goes
     python benchmarks/train_step.py --instances 1000000 --chunk 32768
 
-"with classifier" is the trainer's step (ifc_ds.engine.train_step + optimizer_step); "backbone only"
-replaces the classifier loss by a trivial one on the same features, so the difference is what the
-classifier (its all-gather, logits, softmax, both GEMMs and its engine) costs.
+All rows run in the same invocation, one after the other, with nothing else on the cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ifc_ds.classifier import ShardedInstanceClassifier
-from ifc_ds.config import load_config
-from ifc_ds.engine import build_engines, optimizer_step, train_step
-from ifc_ds.model import InstanceEncoder
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ifc_ds.classifier import ShardedInstanceClassifier  # noqa: E402
+from ifc_ds.config import load_config  # noqa: E402
+from ifc_ds.engine import build_engines, optimizer_step, train_step  # noqa: E402
+from ifc_ds.model import InstanceEncoder  # noqa: E402
 
 
 def _worker(rank, world, tmp, args, out):
@@ -34,10 +49,20 @@ def _worker(rank, world, tmp, args, out):
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
                             timeout=datetime.timedelta(minutes=10))
     cfg = load_config(None, [f"model.name={args.model}", f"train.batch_size={args.batch}"])
+    gen = torch.Generator().manual_seed(rank)
+    images = torch.randn(args.batch, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+
+    alone = InstanceEncoder(cfg.model, 32).to(memory_format=torch.channels_last)
+    alone_opt = torch.optim.SGD(alone.parameters(), lr=0.01, momentum=0.9)
+
+    def encoder_alone():
+        loss = alone(images).square().mean()
+        alone_opt.zero_grad()
+        loss.backward()
+        alone_opt.step()
+
     classifier = ShardedInstanceClassifier(args.instances, cfg.model.dim, 0.1, chunk_size=args.chunk)
     engines = build_engines(cfg, InstanceEncoder(cfg.model, 32), classifier, steps_per_epoch=100, world_size=world)
-    gen = torch.Generator().manual_seed(rank)
-    images = torch.randn(args.batch, 3, 32, 32, generator=gen)
 
     def with_classifier():
         ids = torch.randint(0, args.instances, (args.batch,), generator=gen)
@@ -45,23 +70,99 @@ def _worker(rank, world, tmp, args, out):
         optimizer_step(engines)
 
     def backbone_only():
+        if engines.flat_grads is not None:
+            engines.flat_grads.attach()
         features = engines.backbone(images)
         engines.backbone.backward(features.float().square().mean())
+        if engines.flat_grads is not None:
+            engines.flat_grads.all_reduce()
         engines.backbone.step()
 
+    steps = [("encoder alone", encoder_alone), ("backbone engine only", backbone_only),
+             ("with classifier", with_classifier)]
+    if args.end_to_end:
+        steps.append(("with classifier + data path (CIFAR-10 in memory, device views)",
+                      _data_path_step(args, cfg, engines, rank, world)))
+    if args.profile:
+        _profile(rank, steps[-1][1], out)
+        dist.destroy_process_group()
+        return
     results = {}
-    for name, step in (("backbone only", backbone_only), ("with classifier", with_classifier)) * 2:
-        step()  # warm-up
-        times = []
-        for _ in range(args.steps):
+    for _ in range(2):  # warm-up
+        for _, step in steps:
+            step()
+    for _ in range(args.steps):  # interleaved step by step: machine drift hits every row alike
+        for name, step in steps:
             dist.barrier()
             t0 = time.perf_counter()
             step()
-            times.append(time.perf_counter() - t0)
-        results.setdefault(name, []).extend(times)  # two interleaved rounds: drift hits both alike
+            results.setdefault(name, []).append(time.perf_counter() - t0)
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
+
+
+def _data_path_step(args, cfg, engines, rank, world):
+    """The trainer's step fed by its real data path: CIFAR-10 decoded into memory once, a batch of this
+    rank's ids per step, batched crops and device views, as ``ifc_ds.trainer`` runs them."""
+    from ifc_ds.augment import DeviceViews, train_crop
+    from ifc_ds.crops import batch_crops
+    from ifc_ds.data import InstanceBatchSampler, MapEpochs, load_dataset
+    from ifc_ds.decoded import decode_into_memory
+
+    loaded = load_dataset(f"parquet:{args.cifar}", limit=args.instances)
+    decoded = decode_into_memory(loaded, (32, 32))
+    crop = train_crop(cfg.augment, 32, cfg.seed)
+    sampler = InstanceBatchSampler(loaded.num_instances, args.batch * world, rank, world, cfg.seed)
+    epochs = MapEpochs(loaded, sampler, crop, 0, False, decoded)
+    views = DeviceViews(cfg.augment, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), cfg.seed, engines.dtype())
+    state = {"epoch": 0, "batches": epochs.batches(0, 0)}
+    device = torch.device("cpu")
+
+    def step():
+        item = next(state["batches"], None)
+        if item is None:
+            state["epoch"] += 1
+            state["batches"] = epochs.batches(state["epoch"], 0)
+            item = next(state["batches"])
+        _, _, batch = item
+        images = views.train(batch_crops(batch, 32, device), batch["ids"], state["epoch"])
+        train_step(engines, images, batch["ids"], 0, 0.0)
+        optimizer_step(engines)
+
+    return step
+
+
+def _profile(rank, step, out):
+    """Self CPU time per op over 6 trainer steps, grouped: what a step spends beyond the encoder."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(6):
+            step()
+    if rank == 0:
+        rows = [(e.key, e.self_cpu_time_total / 6e3, e.count / 6) for e in prof.key_averages()]
+        torch.save(sorted(rows, key=lambda r: -r[1]), out)
+
+
+def end_to_end(args) -> float:
+    """Steady-state images/s per rank of ``train.py`` on CIFAR-10 (2 ranks), from metrics.jsonl."""
+    with tempfile.TemporaryDirectory() as out:
+        common = [f"data.train=parquet:{args.cifar}", f"data.limit={args.instances}", "eval.train=null",
+                  f"train.batch_size={args.batch}", f"train.max_steps={args.e2e_steps}", "train.log_every=5",
+                  "checkpoint.every_epochs=0", "log.progress=false", "hooks.raw_init.enabled=false",
+                  f"output_dir={out}", f"model.name={args.model}"]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", str(REPO / "train.py"),
+               "--config", str(REPO / "configs" / "cifar10.yaml"), *common]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    steady = [r["images_per_sec"] for r in rows[2:]]  # the first intervals include start-up and warm-up
+    return statistics.median(steady) / 2
 
 
 def main():
@@ -70,21 +171,43 @@ def main():
     parser.add_argument("--batch", type=int, default=128, help="per rank")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--chunk", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=16, help="timed steps per row (interleaved)")
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--end-to-end", action="store_true", help="also run train.py on CIFAR-10")
+    parser.add_argument("--cifar", default=str(REPO.parent / "shared" / "data" / "cifar10" / "train.parquet"))
+    parser.add_argument("--e2e-steps", type=int, default=60)
+    parser.add_argument("--profile", action="store_true", help="profile the trainer step instead")
     args = parser.parse_args()
+    e2e = end_to_end(args) if args.end_to_end and not args.profile else None
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.pt")
         mp.spawn(_worker, args=(args.ranks, tmp, args, out), nprocs=args.ranks)
         results = torch.load(out)
-    base = statistics.median(results["backbone only"])
+    if args.profile:
+        total = sum(ms for _, ms, _ in results)
+        print(f"rank 0, self CPU ms per trainer step (total {total:.0f} ms), top 20 ops:\n")
+        print("| op | ms/step | share | calls/step |\n|---|---|---|---|")
+        for key, ms, calls in results[:20]:
+            print(f"| {key} | {ms:.1f} | {ms / total:.1%} | {calls:g} |")
+        return
     print(f"{args.ranks} ranks x 1 thread, {args.model} 32x32, {args.batch} images/rank, N={args.instances:,}, "
-          f"{2 * args.steps} timed steps each\n")
-    print("| step | ms median (min-max) | x backbone only |")
-    print("|---|---|---|")
+          f"{args.steps} timed steps each, interleaved step by step\n")
+    base = statistics.median(results["with classifier"])
+    alone = statistics.median(results["encoder alone"])
+    print("| step | ms median (min-max) | images/s per rank | x with classifier |")
+    print("|---|---|---|---|")
     for name, times in results.items():
         med = statistics.median(times)
-        print(f"| {name} | {med * 1e3:.0f} ({min(times) * 1e3:.0f}-{max(times) * 1e3:.0f}) | {med / base:.3f} |")
+        print(f"| {name} | {med * 1e3:.0f} ({min(times) * 1e3:.0f}-{max(times) * 1e3:.0f}) | "
+              f"{args.batch / med:.1f} | {med / base:.3f} |")
+    if e2e is not None:
+        print(f"| end to end: train.py, CIFAR-10 (median of its logged intervals, separate run) | "
+              f"{args.batch / e2e * 1e3:.0f} | {e2e:.1f} | {args.batch / e2e / base:.3f} |")
+        fed = statistics.median(results["with classifier + data path (CIFAR-10 in memory, device views)"])
+        print(f"\nwith the data path / trainer step on batches in memory: {base / fed:.3f} (target >= 0.95)")
+        print(f"with the data path / encoder step alone, channels-last weights: {alone / fed:.3f} (target >= 0.85)")
+        print(f"train.py end to end / trainer step on batches in memory: {e2e / (args.batch / base):.3f}; / encoder "
+              f"alone: {e2e / (args.batch / alone):.3f}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ifc_ds.augment import train_transform
+from ifc_ds.augment import DeviceViews, train_crop
 from ifc_ds.config import AugmentConfig
+from ifc_ds.crops import batch_crops
 from ifc_ds.data import InstanceBatchSampler, InstanceDataset, make_loader
 from ifc_ds.dist import is_main, rank, world_size
 
@@ -49,7 +50,10 @@ def finetune(backbone: torch.nn.Module, num_features: int, train, num_classes: i
     trained = model
     if world_size() > 1:
         trained = torch.nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's weights
-    dataset = InstanceDataset(subset, train_transform(AugmentConfig(), image_size, mean, std), with_labels=True)
+    # the training data path: uint8 random crops on the CPU, the rest of the view batched on the device
+    crop = train_crop(AugmentConfig(), image_size, seed)
+    views = DeviceViews(AugmentConfig(), image_size, mean, std, seed)
+    dataset = InstanceDataset(subset, crop, with_labels=True)
     # a seeded reshuffle per epoch; every labelled row once per epoch; >= 2 rows per rank (batch norm)
     sampler = InstanceBatchSampler(len(rows), min(batch_size, len(rows)), rank(), world_size(), seed=seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
@@ -57,9 +61,11 @@ def finetune(backbone: torch.nn.Module, num_features: int, train, num_classes: i
     model.train()
     for epoch in range(epochs):
         sampler.set_position(epoch)
+        crop.epoch = epoch
         loss = None
         for batch in make_loader(dataset, batch_sampler=sampler, seed=seed + epoch):
-            loss = F.cross_entropy(trained(batch["images"].to(device)), batch["labels"].to(device))
+            images = views.train(batch_crops(batch, image_size, device), batch["ids"], epoch)
+            loss = F.cross_entropy(trained(images), batch["labels"].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -24,12 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/
 
 import torch  # noqa: E402
 
-from ifc_ds.augment import eval_crop_pct, eval_transform  # noqa: E402
+from ifc_ds.augment import DeviceViews, eval_crop  # noqa: E402
 from ifc_ds.checkpoint import content_key, encoder_state_dict, find_checkpoint  # noqa: E402
 from ifc_ds.config import AugmentConfig, ConfigError, ModelConfig, _apply, config_from_dict, parse_overrides  # noqa: E402
-from ifc_ds.data import load_dataset  # noqa: E402
+from ifc_ds.crops import batch_crops  # noqa: E402
+from ifc_ds.data import (
+    load_dataset,  # noqa: E402
+    ordered_batches,  # noqa: E402
+)
 from ifc_ds.dist import device, init_distributed, is_main, rank, world_size  # noqa: E402
-from ifc_ds.features import extract_features, shard_batches  # noqa: E402
+from ifc_ds.features import extract_features  # noqa: E402
 from ifc_ds.knn import knn_predict, topk_accuracy  # noqa: E402
 from ifc_ds.model import InstanceEncoder, data_config  # noqa: E402
 
@@ -134,6 +138,12 @@ class Candidate:
     def mean_std(self):
         return data_config(self.model_cfg.name)
 
+    def views(self) -> tuple:
+        """The evaluation data path: (uint8 centre crop on the CPU, normalisation on the device)."""
+        mean, std = self.mean_std()
+        return (eval_crop(AugmentConfig(), self.image_size),
+                DeviceViews(AugmentConfig(), self.image_size, mean, std, channels_last=self.model_cfg.channels_last))
+
 
 def _from_checkpoint(path: str, cfg: EvalSuiteConfig) -> Candidate:
     ckpt = find_checkpoint(path, "auto") if (Path(path) / "checkpoints").is_dir() else Path(path)
@@ -180,10 +190,10 @@ def _cached_features(cand: Candidate, spec: str, limit, cfg: EvalSuiteConfig, de
         saved = torch.load(cache, weights_only=False)
         if "ids" in saved:  # caches written before ids were kept are recomputed
             return saved["features"].to(dev), saved["labels"].to(dev), saved["ids"].to(dev), loaded
-    transform = eval_transform(cand.image_size, mean, std, eval_crop_pct(AugmentConfig(), cand.image_size))
+    crop, views = cand.views()
     enc = cand.encoder.to(dev).eval()
     forward = enc.backbone_features if cfg.features == "backbone" else enc
-    feats, labels, ids = extract_features(forward, loaded, transform, cfg.batch_size, dev,
+    feats, labels, ids = extract_features(forward, loaded, crop, views, cfg.batch_size, dev,
                                           num_workers=cfg.num_workers)
     if cfg.cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -225,11 +235,11 @@ def evaluate(cand: Candidate, entry: DatasetEntry, cfg: EvalSuiteConfig, dev) ->
         from eval.semi import evaluate, finetune
 
         mean, std = cand.mean_std()
-        transform = eval_transform(cand.image_size, mean, std, eval_crop_pct(AugmentConfig(), cand.image_size))
+        crop, views = cand.views()
 
         def test_batches():
-            for batch in shard_batches(test_loaded, transform, cfg.batch_size, with_labels=True):
-                yield batch["images"], batch["labels"]
+            for batch in ordered_batches(test_loaded, crop, cfg.batch_size, cfg.num_workers, with_labels=True):
+                yield views.eval(batch_crops(batch, crop.size, dev)), batch["labels"]
 
         for fraction in cfg.semi.fractions:
             model = finetune(cand.encoder.backbone, cand.encoder.backbone.num_features, train_loaded, num_classes,

@@ -1,4 +1,19 @@
-"""Training views (SimCLR / PIC family) and the evaluation transform, with torchvision.transforms.v2.
+"""Training and evaluation views on the device: batched, with per-sample random parameters.
+
+The CPU only decodes and crops (``ifc_ds.crops``); a batch arrives as uint8 ``[B, 3, S, S]`` (or, for
+a dataset decoded in memory, as whole images plus their crop boxes) and everything else runs here,
+on the engine's device, for the whole batch at once::
+
+    crop + resize (in-memory data) -> horizontal flip -> colour jitter (brightness, contrast,
+    saturation, hue in a random order per sample) -> grayscale -> Gaussian blur -> normalise
+    -> the engine's dtype, channels-last
+
+Each op is written as torchvision.transforms.v2.functional defines it, with a ``[B]`` tensor of
+factors instead of one scalar; the parameters of sample ``i`` come from ``(seed, epoch, id_i)``
+(``ifc_ds.keyed_random``), so they are independent across the batch and a view never depends on the
+rank, worker or batch it landed in. Hand-written rather than ``kornia.augmentation``: kornia defines
+brightness additively and jitters in one order per batch, and the small ops below measured faster
+on this CPU (``benchmarks/data_path.py`` times both in one run).
 
     python -m ifc_ds.augment --data sklearn:digits --out views.png   # look at what the network sees
 """
@@ -6,39 +21,196 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torchvision.transforms import v2
+import torch.nn.functional as F
 
 from ifc_ds.config import AugmentConfig
+from ifc_ds.crops import SampleCrop, crop_resize
+from ifc_ds.keyed_random import BLUR, FLIP, GRAYSCALE, JITTER, keyed_uniform
+
+_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 
 
-def train_transform(cfg: AugmentConfig, size: int, mean, std) -> v2.Compose:
-    """PIL image -> normalised float tensor [3, size, size], one random view."""
-    steps = [
-        v2.ToImage(),
-        v2.RandomResizedCrop(size, scale=(cfg.scale_min, cfg.scale_max), antialias=True),
-        v2.RandomHorizontalFlip(cfg.hflip_p),
-        v2.RandomApply([v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)], p=cfg.jitter_p),
-        v2.RandomGrayscale(cfg.grayscale_p),
-    ]
-    if cfg.blur_p > 0:
-        kernel = max(3, (size // 10) | 1)  # ~10% of the image, odd
-        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, (cfg.blur_sigma_min, cfg.blur_sigma_max))],
-                                    p=cfg.blur_p))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    return v2.Compose(steps)
+# --------------------------------------------------------------------------- batched functional ops
+# x: float [B, 3, H, W] in [0, 1]; factors: [B] tensors on x's device
+def _per_sample(factor: torch.Tensor) -> torch.Tensor:
+    return factor.view(-1, 1, 1, 1)
 
 
-def eval_transform(size: int, mean, std, crop_pct: float = 0.875) -> v2.Compose:
-    """Resize the short side to size / crop_pct, centre-crop size (crop_pct 1.0 for 32x32 data)."""
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize(int(round(size / crop_pct)), antialias=True),
-        v2.CenterCrop(size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean, std),
-    ])
+def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    ratio = _per_sample(ratio)
+    return (x * ratio + other * (1.0 - ratio)).clamp_(0.0, 1.0)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, H, W]`` -> ``[B, 1, H, W]`` luma."""
+    r, g, b = x.unbind(dim=1)
+    return (r * _GRAY_WEIGHTS[0] + g * _GRAY_WEIGHTS[1] + b * _GRAY_WEIGHTS[2]).unsqueeze(1)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (x * _per_sample(factor)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(x, grayscale(x), factor)
+
+
+def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Rotates the hue by ``factor`` turns (in ``[-0.5, 0.5]``) through HSV, as torchvision does."""
+    r, g, b = x.unbind(dim=1)
+    maxc, minc = x.amax(dim=1), x.amin(dim=1)
+    value, spread = maxc, maxc - minc
+    gray = spread == 0
+    saturation = spread / torch.where(gray, 1.0, maxc)
+    inv = 1.0 / torch.where(gray, 1.0, spread)
+    # hue in sixths of a turn from whichever channel is the maximum (zero for grays), as torchvision
+    hue = torch.where(maxc == r, (g - b) * inv, torch.where(maxc == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0))
+    hue = torch.where(gray, 0.0, hue)
+    hue = (hue / 6.0).remainder_(1.0)
+    hue = (hue + factor.view(-1, 1, 1)).remainder_(1.0)
+    # HSV -> RGB without branches: channel n (5, 3, 1 for r, g, b) is v - v s clamp(min(k, 4 - k), 0, 1)
+    # with k = (n + 6 h) mod 6, the same function as torchvision's sector table
+    h6 = hue * 6.0
+    chroma = value * saturation
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = (h6 + n).remainder_(6.0)
+        channels.append(value - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
+    return torch.stack(channels, dim=1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Per-sample ``sigma [B]``, one odd ``kernel_size``, reflect padding (torchvision's kernel)."""
+    batch, channels, height, width = x.shape
+    half = (kernel_size - 1) / 2
+    grid = torch.linspace(-half, half, kernel_size, device=x.device)
+    kernel = torch.exp(-0.5 * (grid[None, :] / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)  # [B*C, k]
+    pad = kernel_size // 2
+    flat = x.reshape(1, batch * channels, height, width)
+    flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=batch * channels)
+    flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode="reflect"), kernel[:, None, :, None], groups=batch * channels)
+    return flat.reshape(batch, channels, height, width)
+
+
+_JITTER_OPS = {BRIGHTNESS: adjust_brightness, CONTRAST: adjust_contrast, SATURATION: adjust_saturation,
+               HUE: adjust_hue}
+
+
+def blur_kernel_size(size: int) -> int:
+    """~10% of the image, odd, at least 3 (SimCLR's 23 at 224 px)."""
+    return max(3, (size // 10) | 1)
+
+
+# --------------------------------------------------------------------------- per-sample parameters
+@dataclass
+class ViewParams:
+    """Per-sample photometric parameters of a batch (CPU tensors, ``[B]`` unless noted)."""
+
+    flip: torch.Tensor  # bool
+    jitter: torch.Tensor  # bool: colour jitter applied
+    factors: torch.Tensor  # [B, 4] float: brightness, contrast, saturation, hue
+    order: torch.Tensor  # [B, 4] int: the jitter ops in the order they are applied
+    gray: torch.Tensor  # bool
+    blur: torch.Tensor  # bool
+    sigma: torch.Tensor  # float
+
+
+def sample_params(cfg: AugmentConfig, seed: int, epoch: int, ids) -> ViewParams:
+    """The random choices of ``RandomHorizontalFlip``, ``RandomApply(ColorJitter)``,
+    ``RandomGrayscale`` and ``RandomApply(GaussianBlur)``, drawn per sample from ``(seed, epoch, id)``."""
+    ids = np.asarray(ids, dtype=np.int64)
+    flip = keyed_uniform(seed, epoch, ids, FLIP, 1)[:, 0] < cfg.hflip_p
+    u = keyed_uniform(seed, epoch, ids, JITTER, 9)
+    jitter = u[:, 0] < cfg.jitter_p
+    lows = np.array([max(0.0, 1 - cfg.brightness), max(0.0, 1 - cfg.contrast), max(0.0, 1 - cfg.saturation),
+                     -cfg.hue])
+    highs = np.array([1 + cfg.brightness, 1 + cfg.contrast, 1 + cfg.saturation, cfg.hue])
+    factors = lows + (highs - lows) * u[:, 1:5]
+    order = np.argsort(u[:, 5:9], axis=1, kind="stable")  # a uniformly random permutation per sample
+    gray = keyed_uniform(seed, epoch, ids, GRAYSCALE, 1)[:, 0] < cfg.grayscale_p
+    b = keyed_uniform(seed, epoch, ids, BLUR, 2)
+    blur = b[:, 0] < cfg.blur_p
+    sigma = cfg.blur_sigma_min + (cfg.blur_sigma_max - cfg.blur_sigma_min) * b[:, 1]
+    return ViewParams(torch.from_numpy(flip), torch.from_numpy(jitter), torch.from_numpy(factors).float(),
+                      torch.from_numpy(order), torch.from_numpy(gray), torch.from_numpy(blur),
+                      torch.from_numpy(sigma).float())
+
+
+def jitter_ops(cfg: AugmentConfig) -> list[int]:
+    """The jitter ops the config enables (a zero range is no op at all, as ColorJitter's None)."""
+    ranges = {BRIGHTNESS: cfg.brightness, CONTRAST: cfg.contrast, SATURATION: cfg.saturation, HUE: cfg.hue}
+    return [op for op, r in ranges.items() if r > 0]
+
+
+def photometric(x: torch.Tensor, params: ViewParams, cfg: AugmentConfig) -> torch.Tensor:
+    """Flip, colour jitter, grayscale and blur of float ``x [B, 3, H, W]`` in ``[0, 1]``, per sample.
+
+    Each op touches only the samples it applies to (index, op, write back), so a sample an op does not
+    apply to is left bitwise unchanged, and the jitter runs slot by slot: in slot s, every sample gets
+    the op its own order puts there."""
+    dev = x.device
+    flip = params.flip.to(dev)
+    if flip.any():
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    enabled = jitter_ops(cfg)
+    jittered = params.jitter.to(dev)
+    if enabled and jittered.any():
+        factors, order = params.factors.to(dev), params.order.to(dev)
+        for slot in range(4):
+            for op in enabled:
+                rows = (jittered & (order[:, slot] == op)).nonzero().flatten()
+                if len(rows):
+                    x[rows] = _JITTER_OPS[op](x[rows], factors[rows, op])
+    gray = params.gray.to(dev).nonzero().flatten()
+    if len(gray):
+        x[gray] = grayscale(x[gray]).expand(-1, 3, -1, -1)
+    blur = params.blur.to(dev).nonzero().flatten()
+    if len(blur):
+        x[blur] = gaussian_blur(x[blur], params.sigma.to(dev)[blur], blur_kernel_size(x.shape[-1]))
+    return x
+
+
+# --------------------------------------------------------------------------- the device pipeline
+class DeviceViews:
+    """uint8 batches -> normalised network inputs on the device (train: random views; eval: as is).
+
+    ``images``: uint8 ``[B, 3, h, w]`` already cropped to ``size``, or whole images with ``boxes [B, 4]``
+    (data decoded in memory), cropped here in one batched call."""
+
+    def __init__(self, cfg: AugmentConfig, size: int, mean, std, seed: int = 0, dtype=torch.float32,
+                 channels_last: bool = True):
+        self.cfg, self.size, self.seed, self.dtype, self.channels_last = cfg, size, seed, dtype, channels_last
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def _crop(self, images: torch.Tensor, boxes) -> torch.Tensor:
+        return images if boxes is None else crop_resize(images, boxes, self.size)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """float ``[B, 3, S, S]`` in [0, 1] -> normalised, in the engine's dtype and memory format."""
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        x = x.to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    @torch.no_grad()
+    def train(self, images: torch.Tensor, ids: torch.Tensor, epoch: int, boxes=None) -> torch.Tensor:
+        x = self._crop(images, boxes).float().div_(255.0)
+        x = photometric(x, sample_params(self.cfg, self.seed, epoch, ids.cpu().numpy()), self.cfg)
+        return self.normalize(x)
+
+    @torch.no_grad()
+    def eval(self, images: torch.Tensor, boxes=None) -> torch.Tensor:
+        return self.normalize(self._crop(images, boxes).float().div_(255.0))
 
 
 def eval_crop_pct(cfg: AugmentConfig, size: int) -> float:
@@ -46,20 +218,34 @@ def eval_crop_pct(cfg: AugmentConfig, size: int) -> float:
     return 1.0 if size <= 64 else cfg.eval_crop_pct
 
 
-def save_view_grid(dataset, transform, mean, std, path: str, num_images: int = 8, views: int = 6,
-                   seed: int = 0) -> None:
-    """Writes a PNG: one row per image, its ``views`` augmented views side by side."""
+def train_crop(cfg: AugmentConfig, size: int, seed: int, raw_jpeg: bool = False) -> SampleCrop:
+    """The CPU half of a training view: decode + random resized crop to uint8."""
+    return SampleCrop(size, train=True, scale=(cfg.scale_min, cfg.scale_max), seed=seed, draft=cfg.jpeg_draft,
+                      raw_jpeg=raw_jpeg)
+
+
+def eval_crop(cfg: AugmentConfig, size: int, raw_jpeg: bool = False) -> SampleCrop:
+    """The CPU half of an evaluation view: decode + centre crop to uint8."""
+    return SampleCrop(size, train=False, crop_pct=eval_crop_pct(cfg, size), draft=cfg.jpeg_draft, raw_jpeg=raw_jpeg)
+
+
+# --------------------------------------------------------------------------- preview
+def save_view_grid(loaded, cfg: AugmentConfig, size: int, mean, std, path: str, num_images: int = 8,
+                   views: int = 6, seed: int = 0) -> None:
+    """Writes a PNG: one row per image, ``views`` training views of it side by side (views of epochs
+    0, 1, ... so each differs), made by the trainer's own CPU crop and device pipeline."""
     from torchvision.utils import save_image
 
-    from ifc_ds.data import decode_image
-
-    torch.manual_seed(seed)
-    table, column = dataset.table, dataset.image_column
+    crop = train_crop(cfg, size, seed)
+    pipeline = DeviceViews(cfg, size, mean, std, seed, channels_last=False)
+    table, column = loaded.table, loaded.image_column
     tiles = []
     for row in range(min(num_images, len(table))):
-        image = decode_image(table[row][column])
-        tiles += [transform(image) for _ in range(views)]
-    grid = torch.stack(tiles) * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+        for epoch in range(views):
+            crop.epoch = epoch
+            image = crop(table[row][column], row)[None]
+            tiles.append(pipeline.train(image, torch.tensor([row]), epoch)[0])
+    grid = torch.stack(tiles) * pipeline.std + pipeline.mean
     save_image(grid.clamp(0, 1), path, nrow=views, padding=2)
 
 
@@ -79,10 +265,10 @@ def main(argv=None) -> None:
     cfg = load_config(args.config, args.overrides)
     loaded = load_dataset(args.data or cfg.data.train, limit=args.images)
     mean, std = data_config(cfg.model.name)
-    transform = train_transform(cfg.augment, cfg.data.image_size, mean, std)
-    save_view_grid(loaded, transform, mean, std, args.out, args.images, args.views, cfg.seed)
+    save_view_grid(loaded, cfg.augment, cfg.data.image_size, mean, std, args.out, args.images, args.views, cfg.seed)
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
     main()
+

@@ -39,7 +39,14 @@ class DataConfig:
     image_size: int = 32
     num_workers: int = -1  # -1: one per spare CPU core of this rank, at most 8
     streaming: bool = False
-    num_instances: int | None = None  # N for a streaming dataset whose size the metadata lacks
+    num_instances: int | None = None  # optional check: N the dataset must have
+    # decode a map-style dataset once into (node-shared) memory: auto (images of one size whose decoded
+    # bytes fit memory_gb), always, never (decode every sample every epoch, in the workers)
+    in_memory: str = "auto"
+    memory_gb: float = 16.0  # decoded bytes allowed per node for in_memory=auto
+    # decode JPEGs on the accelerator (torchvision.io.decode_jpeg on CUDA: nvJPEG); the workers then
+    # only read bytes. Other formats, and any image on CPU runs, are decoded by the workers
+    decode_on_device: bool = False
 
 
 @dataclass
@@ -57,6 +64,7 @@ class AugmentConfig:
     blur_sigma_min: float = 0.1
     blur_sigma_max: float = 2.0
     eval_crop_pct: float = 0.875  # eval transform: resize to size / crop_pct, centre-crop size (1.0: no crop)
+    jpeg_draft: bool = True  # decode a JPEG larger than its crop needs at a reduced size (PIL draft)
 
 
 @dataclass
@@ -157,7 +165,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-_CHOICES = {"train.optimizer": ("sgd", "lars", "adamw"), "hooks.raw_init.mode": ("full", "lazy")}
+_CHOICES = {"train.optimizer": ("sgd", "lars", "adamw"), "hooks.raw_init.mode": ("full", "lazy"),
+            "data.in_memory": ("auto", "always", "never")}
 
 
 def _coerce(value, hint, key: str):
@@ -253,6 +262,10 @@ def _validate(cfg: Config) -> None:
         (cfg.data.limit is None or cfg.data.limit > 0, "data.limit must be > 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
         (cfg.dist.timeout_s > 0, "dist.timeout_s must be > 0"),
+        (cfg.data.memory_gb >= 0, "data.memory_gb must be >= 0"),
+        (cfg.augment.blur_sigma_min > 0 and cfg.augment.blur_sigma_min <= cfg.augment.blur_sigma_max,
+         "augment: need 0 < blur_sigma_min <= blur_sigma_max"),
+        (0 <= cfg.augment.hue <= 0.5, "augment.hue must be in [0, 0.5]"),
         (0 <= cfg.eval.holdout < 1, "eval.holdout must be in [0, 1)"),
         (not cfg.eval.train or cfg.eval.test or cfg.eval.holdout > 0,
          "eval.holdout=0 with no eval.test leaves the kNN monitor without queries: set eval.test or "

@@ -17,7 +17,6 @@ sizes and shuffles. A streaming dataset gives every row the same id the map-styl
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -25,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +89,10 @@ def parse_spec(text: str) -> DatasetSpec:
 def _embedded_digits():
     """scikit-learn's 1,797 bundled 8x8 handwritten digits as 32x32 RGB PNGs with labels: a real
     image dataset that needs neither network nor ../shared."""
+    import io
+
     import datasets
+    from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -273,28 +274,19 @@ def load_dataset(spec: str | DatasetSpec, limit: int | None = None, streaming: b
     return LoadedDataset(spec, image_col, label_col, table=ds, num_instances=len(ds), num_classes=num_classes)
 
 
-# --------------------------------------------------------------------------- decoding
-def decode_image(cell) -> Image.Image:
-    """An HF ``Image(decode=False)`` cell (``{"bytes", "path"}``) -> RGB PIL image; raises on bad data."""
-    if cell is None:
-        raise ValueError("empty image cell")
-    data, path = cell.get("bytes"), cell.get("path")
-    img = Image.open(io.BytesIO(data)) if data else Image.open(path)
-    img.load()  # force full decoding now: truncated files fail here, not inside a transform
-    return img.convert("RGB")
-
-
+# --------------------------------------------------------------------------- samples and batches
 class InstanceDataset(torch.utils.data.Dataset):
-    """Map-style view: index i -> ``(image tensor, instance id, replaced flag[, label])``.
+    """Map-style view: index i -> ``(uint8 crop [3, S, S], instance id, replaced flag[, label])``.
 
-    An undecodable image is replaced by the next decodable row (whose own id is returned, so no
-    classifier row is trained on another image) and flagged, so the trainer can count it.
+    ``prepare(cell, row)`` decodes and crops one image (``ifc_ds.crops.SampleCrop``). An undecodable
+    image is replaced by the next decodable row (whose own id is returned, so no classifier row is
+    trained on another image) and flagged, so the trainer can count it.
     """
 
-    def __init__(self, loaded: LoadedDataset, transform, with_labels: bool = False, max_tries: int = 16):
+    def __init__(self, loaded: LoadedDataset, prepare, with_labels: bool = False, max_tries: int = 16):
         if loaded.table is None:
             raise ValueError("InstanceDataset needs a map-style dataset (streaming=False)")
-        self.table, self.column, self.transform = loaded.table, loaded.image_column, transform
+        self.table, self.column, self.prepare = loaded.table, loaded.image_column, prepare
         self.label_column = loaded.label_column if with_labels else None
         if with_labels and self.label_column is None:
             raise loaded.spec.error("has no label column (pass :label_column=...)")
@@ -307,23 +299,53 @@ class InstanceDataset(torch.utils.data.Dataset):
         for attempt in range(self.max_tries):
             row = (index + attempt) % len(self.table)
             try:
-                image = decode_image(self.table[row][self.column])
+                image = self.prepare(self.table[row][self.column], row)
             except Exception as exc:  # PIL raises many types for corrupt data
                 log.debug("row %d undecodable: %s", row, exc)
                 continue
-            sample = (self.transform(image), row, attempt > 0)
+            sample = (image, row, attempt > 0)
             return sample + (int(self.table[row][self.label_column]),) if self.label_column else sample
         raise RuntimeError(f"{self.max_tries} consecutive undecodable images from row {index}")
 
 
 def collate(samples):
-    """-> dict(images [B, 3, H, W], ids [B] int64, replaced [] int64[, labels [B]])."""
-    out = {"images": torch.stack([s[0] for s in samples]),
+    """-> dict(images uint8 [B, 3, S, S], ids [B] int64, replaced [] int64[, labels [B]][, jpeg]).
+
+    A sample left as JPEG bytes for the device (``SampleCrop(raw_jpeg=True)``) leaves zeros in
+    ``images`` and goes to ``jpeg``: its batch positions, byte tensors and crop boxes."""
+    from ifc_ds.crops import RawJpeg
+
+    raw = [i for i, s in enumerate(samples) if isinstance(s[0], RawJpeg)]
+    images = [s[0] for s in samples]
+    if raw:
+        shape = next((im.shape for im in images if not isinstance(im, RawJpeg)), None)
+        size = samples[raw[0]][0].size
+        blank = torch.zeros(shape or (3, size, size), dtype=torch.uint8)
+        images = [blank if isinstance(im, RawJpeg) else im for im in images]
+    out = {"images": torch.stack(images),
            "ids": torch.tensor([s[1] for s in samples], dtype=torch.int64),
            "replaced": torch.tensor(sum(int(s[2]) for s in samples), dtype=torch.int64)}
     if samples and len(samples[0]) > 3:
         out["labels"] = torch.tensor([s[3] for s in samples], dtype=torch.int64)
+    if raw:
+        out["jpeg"] = {"index": torch.tensor(raw), "data": [samples[i][0].data for i in raw],
+                       "boxes": torch.stack([samples[i][0].box for i in raw])}
     return out
+
+
+def memory_batches(decoded, id_batches, crop, labels: np.ndarray | None = None):
+    """Batches of a dataset decoded in memory (``ifc_ds.decoded``): for each list of row ids, the whole
+    uint8 images ``[B, 3, H, W]`` and their crop ``boxes [B, 4]`` (cropped on the device), with the same
+    ids / replaced / labels fields as ``collate``. Nothing is decoded."""
+    for ids in id_batches:
+        wanted = np.asarray(ids, dtype=np.int64)
+        rows = decoded.source_row[wanted]  # an undecodable row trains as the next decodable one
+        boxes = crop.boxes(rows, [decoded.height] * len(rows), [decoded.width] * len(rows))
+        batch = {"images": decoded.images[torch.from_numpy(rows)], "boxes": torch.from_numpy(boxes).float(),
+                 "ids": torch.from_numpy(rows), "replaced": torch.tensor(int((rows != wanted).sum()))}
+        if labels is not None:
+            batch["labels"] = torch.from_numpy(labels[rows])
+        yield batch
 
 
 # --------------------------------------------------------------------------- sampling
@@ -394,23 +416,41 @@ def default_num_workers(local_world_size: int) -> int:
 
 
 def make_loader(dataset, batch_sampler=None, batch_size: int | None = None, num_workers: int = 0,
-                pin_memory: bool = False, seed: int = 0):
+                pin_memory: bool = False, seed: int = 0, timeout: float = 0):
+    """A DataLoader of ``collate`` batches; ``timeout`` (seconds, with workers) turns a stuck worker
+    into an error instead of a hang."""
     gen = torch.Generator().manual_seed(seed)
     batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
     return torch.utils.data.DataLoader(
         dataset, **batching, num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate, generator=gen,
-        prefetch_factor=4 if num_workers else None)
+        prefetch_factor=4 if num_workers else None, timeout=timeout if num_workers else 0)
+
+
+def ordered_batches(loaded: LoadedDataset, crop, batch_size: int, num_workers: int = 0, with_labels: bool = False,
+                    pin_memory: bool = False, decoded=None):
+    """This rank's share of a map-style dataset in order (no shuffle): the same number of batches on
+    every rank (collective-safe), from memory when ``decoded`` is given, else decoded by workers."""
+    from ifc_ds.dist import rank, world_size
+
+    world = world_size()
+    sampler = InstanceBatchSampler(loaded.num_instances, batch_size * world, rank(), world, shuffle=False)
+    if decoded is not None:
+        return memory_batches(decoded, sampler, crop, loaded.labels() if with_labels else None)
+    dataset = InstanceDataset(loaded, crop, with_labels=with_labels)
+    return make_loader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory)
 
 
 # --------------------------------------------------------------------------- epochs for the trainer
 class MapEpochs:
     """Epochs over a map-style dataset: ``batches(epoch, offset)`` yields ``(start, end, batch)``, the
-    positions ``[start, end)`` of the epoch order that the global step covers, and this rank's batch."""
+    positions ``[start, end)`` of the epoch order that the global step covers, and this rank's batch:
+    cut from memory when the dataset was decoded once (``decoded``), else decoded and cropped by
+    DataLoader workers. ``crop`` (``SampleCrop``) draws the boxes from (seed, epoch, id) either way."""
 
-    def __init__(self, dataset: InstanceDataset, sampler: InstanceBatchSampler, num_workers: int, pin_memory: bool,
-                 seed: int):
-        self.dataset, self.sampler = dataset, sampler
-        self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
+    def __init__(self, loaded: LoadedDataset, sampler: InstanceBatchSampler, crop, num_workers: int,
+                 pin_memory: bool, decoded=None, timeout: float = 0):
+        self.loaded, self.sampler, self.crop, self.decoded = loaded, sampler, crop, decoded
+        self.num_workers, self.pin_memory, self.timeout = num_workers, pin_memory, timeout
         self.steps_per_epoch = len(sampler)
 
     def remaining_steps(self, epoch: int, offset: int) -> int:
@@ -419,10 +459,14 @@ class MapEpochs:
 
     def batches(self, epoch: int, offset: int):
         self.sampler.set_position(epoch, offset)
+        self.crop.epoch = epoch
         bounds = self.sampler.bounds()
-        loader = make_loader(self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers,
-                             pin_memory=self.pin_memory, seed=self.seed + epoch)
-        for (start, end), batch in zip(bounds, loader):
+        if self.decoded is not None:
+            source = memory_batches(self.decoded, self.sampler, self.crop)
+        else:
+            source = make_loader(InstanceDataset(self.loaded, self.crop), batch_sampler=self.sampler,
+                                 num_workers=self.num_workers, pin_memory=self.pin_memory, timeout=self.timeout)
+        for (start, end), batch in zip(bounds, source):
             yield start, end, batch
 
     def state_dict(self) -> dict:

@@ -116,16 +116,56 @@ def device() -> torch.device:
     return torch.device(acc.device_name(int(os.environ.get("LOCAL_RANK", 0))))
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
+    """In place, on whatever device ``tensor`` is (NCCL reduces only GPU tensors: CPU ones go through
+    the current GPU and come back)."""
+    if not _distributed():
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type == "cpu":
+        staged = tensor.to(device())
+        dist.all_reduce(staged, op=op)
+        tensor.copy_(staged.cpu())
+    else:
+        dist.all_reduce(tensor, op=op)
     return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
+
+
+def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(tensor, dist.ReduceOp.MIN)
+
+
+def barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` of rank ``src`` on every rank (any picklable object)."""
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def local_rank() -> int:
+    """This process's rank on its node (launchers set LOCAL_RANK; SLURM sets SLURM_LOCALID)."""
+    for key in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
 
 
 def lockstep(iterator, device, until: str = "all"):

@@ -1,32 +1,29 @@
 """Batched passes over a dataset, split over ranks: feature extraction for kNN / evaluation and the
-raw-feature-init pass. Every rank runs the same number of batches (collective-safe)."""
+raw-feature-init pass. Every rank runs the same number of batches (collective-safe).
+
+They use the training data path: the CPU (or memory) gives uint8 centre crops, and the device
+normalises them (``ifc_ds.augment.DeviceViews.eval``)."""
 
 from __future__ import annotations
 
 import torch
 
-from ifc_ds.data import InstanceBatchSampler, InstanceDataset, LoadedDataset, make_loader
-from ifc_ds.dist import gather_uneven, rank, world_size
-
-
-def shard_batches(loaded: LoadedDataset, transform, batch_size: int, num_workers: int = 0, with_labels: bool = False,
-                  pin_memory: bool = False):
-    """This rank's share of the dataset in order (no shuffle), as collated batches."""
-    world = world_size()
-    sampler = InstanceBatchSampler(loaded.num_instances, batch_size * world, rank(), world, shuffle=False)
-    dataset = InstanceDataset(loaded, transform, with_labels=with_labels)
-    return make_loader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory)
+from ifc_ds.crops import batch_crops
+from ifc_ds.data import LoadedDataset, ordered_batches
+from ifc_ds.dist import gather_uneven
 
 
 @torch.no_grad()
-def extract_features(forward, loaded: LoadedDataset, transform, batch_size: int, device: torch.device,
-                     dtype: torch.dtype = torch.float32, num_workers: int = 0, gather: bool = False):
-    """``forward(images) -> [b, F]`` over this rank's share. Returns (features [n, F] fp32, labels [n],
-    ids [n]) on ``device``; with ``gather=True`` every rank gets all rows (in rank order)."""
+def extract_features(forward, loaded: LoadedDataset, crop, views, batch_size: int, device: torch.device,
+                     num_workers: int = 0, gather: bool = False, decoded=None):
+    """``forward(images) -> [b, F]`` over this rank's share. ``crop``: the CPU half (an evaluation
+    ``SampleCrop``), ``views``: the device half (``DeviceViews``); ``decoded``: the dataset decoded in
+    memory, if it is. Returns (features [n, F] fp32, labels [n], ids [n]) on ``device``; with
+    ``gather=True`` every rank gets all rows (in rank order)."""
     feats, labels, ids = [], [], []
-    for batch in shard_batches(loaded, transform, batch_size, num_workers, with_labels=True,
-                               pin_memory=device.type == "cuda"):
-        out = forward(batch["images"].to(device, dtype, non_blocking=True))
+    for batch in ordered_batches(loaded, crop, batch_size, num_workers, with_labels=True,
+                                 pin_memory=device.type == "cuda", decoded=decoded):
+        out = forward(views.eval(batch_crops(batch, crop.size, device)))
         feats.append(out.float())
         labels.append(batch["labels"].to(device))
         ids.append(batch["ids"].to(device))

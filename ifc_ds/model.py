@@ -60,9 +60,8 @@ class InstanceEncoder(nn.Module):
         super().__init__()
         self.backbone = create_backbone(cfg, image_size)
         self.head = ProjectionHead(self.backbone.num_features, cfg.head_hidden, cfg.dim)
-        # Only the inputs go channels-last: convolutions then run channels-last (as fast as with
-        # channels-last weights here), while parameters keep the plain layout that DeepSpeed's
-        # broadcast and ZeRO's flat buffers require.
+        # The inputs go channels-last here; the weights too once the engine is built, where the ZeRO
+        # stage allows it (ifc_ds.engine): DeepSpeed's broadcast and ZeRO's flat buffers need them plain.
         self.channels_last = cfg.channels_last
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ every file), which is why the ids are computed here from the unit offsets instea
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -184,22 +185,22 @@ class SeenIds:
 
 
 class StreamShard(torch.utils.data.IterableDataset):
-    """This rank's rows of a numbered stream for one epoch, decoded and transformed.
+    """This rank's rows of a numbered stream for one epoch, decoded and cropped.
 
-    Yields ``(image, instance id, skipped-before flag)``; undecodable rows are skipped and flagged.
-    ``exclude`` (packed bits over the ids) drops rows an interrupted epoch already consumed; they
-    are dropped after the shuffle buffer, so with the same ranks and workers the remaining rows come
-    in exactly the order the uninterrupted epoch would have given them."""
+    ``prepare(cell, instance id)`` decodes and crops one image (``ifc_ds.crops.SampleCrop``; its epoch
+    is set to this shard's). Yields ``(image, instance id, skipped-before flag)``; undecodable rows
+    are skipped and flagged. ``exclude`` (packed bits over the ids) drops rows an interrupted epoch
+    already consumed; they are dropped after the shuffle buffer, so with the same ranks and workers
+    the remaining rows come in exactly the order the uninterrupted epoch would have given them."""
 
-    def __init__(self, stream: NumberedStream, transform, rank: int, world_size: int, num_workers: int = 0,
+    def __init__(self, stream: NumberedStream, prepare, rank: int, world_size: int, num_workers: int = 0,
                  seed: int = 0, epoch: int = 0, shuffle: bool = True, shuffle_buffer: int = 10_000,
-                 exclude: np.ndarray | None = None, decode=None):
-        from ifc_ds.data import decode_image
-
-        self.stream, self.transform, self.rank, self.world_size = stream, transform, rank, world_size
+                 exclude: np.ndarray | None = None):
+        if hasattr(prepare, "epoch"):
+            prepare = dataclasses.replace(prepare, epoch=epoch)
+        self.stream, self.prepare, self.rank, self.world_size = stream, prepare, rank, world_size
         self.num_workers, self.seed, self.epoch = max(1, num_workers), seed, epoch
         self.shuffle, self.shuffle_buffer, self.exclude = shuffle, shuffle_buffer, exclude
-        self.decode = decode or decode_image
 
     def piece_rows(self) -> list[int]:
         """Rows of each (rank, worker) piece, in piece order."""
@@ -225,12 +226,12 @@ class StreamShard(torch.utils.data.IterableDataset):
             if self.exclude is not None and (self.exclude[instance >> 3] >> (7 - (instance & 7))) & 1:
                 continue
             try:
-                image = self.decode(row["cell"])
+                image = self.prepare(row["cell"], instance)
             except Exception as exc:  # PIL raises many types for corrupt data
                 log.debug("instance %d undecodable: %s", instance, exc)
                 skipped = True
                 continue
-            yield self.transform(image), instance, skipped
+            yield image, instance, skipped
             skipped = False
 
 
@@ -241,11 +242,12 @@ class StreamEpochs:
     checkpointed (``state_dict``, a collective), so a resume continues the epoch without repeating or
     losing rows, on any number of ranks and workers."""
 
-    def __init__(self, loaded, transform, global_batch: int, rank: int, world_size: int, seed: int,
-                 num_workers: int, device):
+    def __init__(self, loaded, prepare, global_batch: int, rank: int, world_size: int, seed: int,
+                 num_workers: int, device, timeout: float = 0):
         from ifc_ds.data import collate
 
-        self.stream, self.transform, self.global_batch = loaded.stream, transform, global_batch
+        self.stream, self.prepare, self.global_batch = loaded.stream, prepare, global_batch
+        self.timeout = timeout
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_workers, self.device, self.collate = num_workers, device, collate
         self.per_rank = global_batch // world_size
@@ -261,7 +263,7 @@ class StreamEpochs:
 
     def shard(self, epoch: int) -> StreamShard:
         exclude = self.seen.packed() if self.seen.count() else None
-        return StreamShard(self.stream, self.transform, self.rank, self.world_size, self.num_workers, self.seed,
+        return StreamShard(self.stream, self.prepare, self.rank, self.world_size, self.num_workers, self.seed,
                            epoch, exclude=exclude)
 
     def batches(self, epoch: int, offset: int):
@@ -269,7 +271,8 @@ class StreamEpochs:
 
         loader = torch.utils.data.DataLoader(self.shard(epoch), batch_size=self.per_rank, collate_fn=self.collate,
                                              num_workers=self.num_workers, drop_last=True,
-                                             prefetch_factor=4 if self.num_workers else None)
+                                             prefetch_factor=4 if self.num_workers else None,
+                                             timeout=self.timeout if self.num_workers else 0)
         start = offset
         for batch in lockstep(iter(loader), self.device, until="any"):
             self.seen.add(batch["ids"])

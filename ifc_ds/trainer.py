@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ifc_ds.augment import eval_crop_pct, eval_transform, train_transform
+from ifc_ds.augment import DeviceViews, eval_crop, train_crop
 from ifc_ds.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, seed_everything
 from ifc_ds.classifier import ShardedInstanceClassifier
 from ifc_ds.config import Config, save_config
-from ifc_ds.data import InstanceBatchSampler, InstanceDataset, MapEpochs, default_num_workers, load_dataset, make_loader
+from ifc_ds.crops import batch_crops
+from ifc_ds.data import InstanceBatchSampler, MapEpochs, default_num_workers, load_dataset, make_loader, ordered_batches
+from ifc_ds.decoded import decide, decode_into_memory
 from ifc_ds.dist import all_reduce_sum, device, init_distributed, is_main, local_world_size, lockstep, rank, world_size
 from ifc_ds.engine import (
     accumulation_steps,
@@ -27,7 +29,7 @@ from ifc_ds.engine import (
     optimizer_step,
     train_step,
 )
-from ifc_ds.features import extract_features, shard_batches
+from ifc_ds.features import extract_features
 from ifc_ds.hooks import TrainState, build_hooks, hook_names
 from ifc_ds.knn import knn_predict, topk_accuracy
 from ifc_ds.model import InstanceEncoder, data_config
@@ -79,12 +81,12 @@ class StopSignal:
 
 
 class KnnMonitor:
-    """kNN top-1 of the backbone's pooled features on a labelled bank / query pair."""
+    """kNN top-1 of the backbone's pooled features on a labelled bank / query pair, through the
+    training data path (decoded once into memory when they fit, normalised on the device)."""
 
-    def __init__(self, cfg: Config, mean, std):
-        self.cfg = cfg
-        size = cfg.data.image_size
-        self.transform = eval_transform(size, mean, std, eval_crop_pct(cfg.augment, size))
+    def __init__(self, cfg: Config, views: DeviceViews, num_workers: int):
+        self.cfg, self.views, self.num_workers = cfg, views, num_workers
+        self.crop = eval_crop(cfg.augment, cfg.data.image_size)
         bank = load_dataset(cfg.eval.train, limit=cfg.eval.limit_train)
         if cfg.eval.test:
             queries = load_dataset(cfg.eval.test, limit=cfg.eval.limit_test)
@@ -95,15 +97,18 @@ class KnnMonitor:
             bank = _subset(bank, range(n_bank))
         self.bank, self.queries = bank, queries
         self.num_classes = bank.num_classes or int(max(bank.labels().max(), queries.labels().max())) + 1
+        self.bank_decoded = _decode_once(bank, cfg, num_workers)  # evaluated many times: decode once
+        self.queries_decoded = _decode_once(queries, cfg, num_workers)
 
     @torch.no_grad()
-    def __call__(self, encoder, dev, dtype) -> float:
+    def __call__(self, encoder, dev) -> float:
         was_training = encoder.training
         encoder.eval()
-        fwd = encoder.backbone_features
-        bs = self.cfg.eval.batch_size
-        bank_f, bank_y, bank_ids = extract_features(fwd, self.bank, self.transform, bs, dev, dtype)
-        query_f, query_y, _ = extract_features(fwd, self.queries, self.transform, bs, dev, dtype, gather=True)
+        fwd, bs = encoder.backbone_features, self.cfg.eval.batch_size
+        bank_f, bank_y, bank_ids = extract_features(fwd, self.bank, self.crop, self.views, bs, dev, self.num_workers,
+                                                    decoded=self.bank_decoded)
+        query_f, query_y, _ = extract_features(fwd, self.queries, self.crop, self.views, bs, dev, self.num_workers,
+                                               gather=True, decoded=self.queries_decoded)
         scores = knn_predict(bank_f, bank_y, query_f, self.num_classes, self.cfg.eval.k, self.cfg.eval.temperature,
                              bank_ids=bank_ids)
         encoder.train(was_training)
@@ -117,22 +122,30 @@ def _subset(loaded, rows):
     return replace(loaded, table=table, num_instances=len(table))
 
 
-def _feature_pass(engines, loaded, transform, dev, num_workers):
+def _decode_once(loaded, cfg: Config, num_workers: int):
+    """The map-style dataset decoded into memory if ``data.in_memory`` says so (a collective), else None."""
+    if loaded.table is None:
+        return None
+    size = decide(loaded, cfg.data.in_memory, cfg.data.memory_gb)
+    return decode_into_memory(loaded, size, num_workers, cfg.data.in_memory) if size else None
+
+
+def _feature_pass(engines, loaded, crop, views: DeviceViews, dev, num_workers, decoded):
     """For raw-feature init: (features [b, D] from the initial network, ids [b]) over this rank's share,
     the same number of batches on every rank (a streaming shard that ends early yields empty ones)."""
 
     def run(batch_size: int):
         if loaded.stream is not None:
-            shard = StreamShard(loaded.stream, transform, rank(), world_size(), shuffle=False)
+            shard = StreamShard(loaded.stream, crop, rank(), world_size(), shuffle=False)
             batches = lockstep(iter(make_loader(shard, batch_size=batch_size)), dev, until="all")
         else:
-            batches = shard_batches(loaded, transform, batch_size, num_workers)
+            batches = ordered_batches(loaded, crop, batch_size, num_workers, decoded=decoded)
         for batch in batches:
             if batch is None:
                 yield torch.zeros(0, engines.backbone.module.head[-1].out_features, device=dev), \
                     torch.zeros(0, dtype=torch.int64, device=dev)
                 continue
-            images = batch["images"].to(dev, engines.dtype())
+            images = views.eval(batch_crops(batch, crop.size, dev))
             yield engines.backbone.module(images).float(), batch["ids"].to(dev)
     return run
 
@@ -159,18 +172,23 @@ def run(cfg: Config) -> int:
                                            chunk_size=cfg.classifier.chunk_size).to(dev)
     micro_batches = accumulation_steps(cfg)  # per optimizer step: one step = one sampler batch
     global_batch = cfg.train.batch_size * world * micro_batches
-    views = train_transform(cfg.augment, cfg.data.image_size, mean, std)
+    # the CPU half of a view (decode + crop to uint8); the device half comes after the engines
+    size = cfg.data.image_size
+    crop = train_crop(cfg.augment, size, cfg.seed, raw_jpeg=cfg.data.decode_on_device and dev.type != "cpu")
+    decoded = _decode_once(loaded, cfg, num_workers)
+    timeout = cfg.dist.timeout_s  # a stuck DataLoader worker becomes an error, not a hang
     if loaded.stream is not None:
-        epochs = StreamEpochs(loaded, views, global_batch, rank(), world, cfg.seed, num_workers, dev)
+        epochs = StreamEpochs(loaded, crop, global_batch, rank(), world, cfg.seed, num_workers, dev, timeout)
     else:
         sampler = InstanceBatchSampler(n, global_batch, rank(), world, cfg.seed, min_per_rank=2 * micro_batches)
-        epochs = MapEpochs(InstanceDataset(loaded, views), sampler, num_workers, dev.type == "cuda", cfg.seed)
+        epochs = MapEpochs(loaded, sampler, crop, num_workers, dev.type == "cuda", decoded, timeout)
     steps_per_epoch = epochs.steps_per_epoch
     engines = build_engines(cfg, encoder, classifier, steps_per_epoch, world)
-    init_transform = eval_transform(cfg.data.image_size, mean, std, eval_crop_pct(cfg.augment, cfg.data.image_size))
-    hooks = build_hooks(cfg, _feature_pass(engines, loaded, init_transform, dev, num_workers))
+    views = DeviceViews(cfg.augment, size, mean, std, cfg.seed, engines.dtype(), cfg.model.channels_last)
+    hooks = build_hooks(cfg, _feature_pass(engines, loaded, eval_crop(cfg.augment, size), views, dev, num_workers,
+                                           decoded))
     state = TrainState(engines=engines, classifier=classifier, num_instances=n, steps_per_epoch=steps_per_epoch)
-    monitor = KnnMonitor(cfg, mean, std) if cfg.eval.train else None
+    monitor = KnnMonitor(cfg, views, num_workers) if cfg.eval.train else None
 
     out = Path(cfg.output_dir)
     if is_main():
@@ -199,7 +217,7 @@ def run(cfg: Config) -> int:
     def evaluate() -> None:
         if monitor is None:
             return
-        top1 = monitor(engines.backbone.module, dev, engines.dtype())
+        top1 = monitor(engines.backbone.module, dev)
         evals.append({"step": state.step, "epoch": state.epoch, "knn_top1": top1})
         log.info("kNN top-1 %.2f%% at step %d", 100 * top1, state.step)
         if is_main():
@@ -230,7 +248,8 @@ def run(cfg: Config) -> int:
                 state.batch = batch
                 log_now = (state.step + 1) % cfg.train.log_every == 0 or state.step + 1 == last_step
                 classifier.track_accuracy = log_now
-                images, ids = batch["images"].to(dev, non_blocking=True), batch["ids"].to(dev, non_blocking=True)
+                ids = batch["ids"].to(dev, non_blocking=True)
+                images = views.train(batch_crops(batch, size, dev), batch["ids"], state.epoch)
 
                 def features_hook(features, batch_ids):
                     for hook in hooks:

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from ifc_ds.config import ModelConfig
+from ifc_ds.crops import SampleCrop
 from ifc_ds.data import (
     DatasetSpecError,
     InstanceBatchSampler,
@@ -35,7 +36,7 @@ def _table(n=12):
 
 
 def _pixel(loaded, row):
-    from ifc_ds.data import decode_image
+    from ifc_ds.crops import decode_image
 
     return int(np.asarray(decode_image(loaded.table[row][loaded.image_column]))[0, 0, 0])
 
@@ -77,7 +78,7 @@ def test_limit_and_explicit_columns(sources):
 def test_embedded_digits():
     loaded = load_dataset("sklearn:digits")
     assert loaded.num_instances == 1797 and loaded.num_classes == 10
-    from ifc_ds.data import decode_image
+    from ifc_ds.crops import decode_image
 
     assert decode_image(loaded.table[0]["image"]).size == (32, 32)
 
@@ -168,10 +169,21 @@ def test_corrupted_images_are_replaced_and_counted(tmp_path):
     table = datasets.Dataset.from_dict({"image": cells}, features=datasets.Features({"image": datasets.Image()}))
     table.to_parquet(str(tmp_path / "bad.parquet"))
     loaded = load_dataset(f"parquet:{tmp_path}/bad.parquet")
-    ds = InstanceDataset(loaded, transform=lambda im: torch.from_numpy(np.asarray(im)).permute(2, 0, 1))
+    ds = InstanceDataset(loaded, SampleCrop(8, train=False))
     batch = collate([ds[i] for i in range(6)])
     assert batch["ids"].tolist() == [0, 1, 4, 4, 4, 5]  # rows 2 and 3 replaced by the next valid row
     assert int(batch["replaced"]) == 2
+    assert batch["images"][:, 0, 0, 0].tolist() == [0, 10, 40, 40, 40, 50]  # each id with its own image
+    # decoded once into memory: the same replacement, the same crops
+    from ifc_ds.crops import crop_resize
+    from ifc_ds.data import memory_batches
+    from ifc_ds.decoded import decode_into_memory
+
+    decoded = decode_into_memory(loaded, (8, 8))
+    assert decoded.source_row.tolist() == [0, 1, 4, 4, 4, 5]
+    memory = next(memory_batches(decoded, [list(range(6))], SampleCrop(8, train=False)))
+    assert memory["ids"].tolist() == [0, 1, 4, 4, 4, 5] and int(memory["replaced"]) == 2
+    assert torch.equal(crop_resize(memory["images"], memory["boxes"], 8), batch["images"])
 
 
 @pytest.mark.parametrize("name,kwargs", [("resnet18", {}), ("resnet18", {"small_images": True}),
@@ -201,14 +213,3 @@ def test_augment_preview_png(tmp_path):
     main(["--data", "sklearn:digits", "--out", str(out), "--images", "3", "--views", "4"])
     image = Image.open(out)
     assert image.size == (4 * 34 + 2, 3 * 34 + 2)  # 4 views x 3 images of 32x32 with 2-pixel padding
-
-
-def test_train_and_eval_transforms():
-    from ifc_ds.augment import eval_transform, train_transform
-    from ifc_ds.config import AugmentConfig
-
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
-    view = train_transform(AugmentConfig(blur_p=1.0), 32, (0.5,) * 3, (0.5,) * 3)(img)
-    assert view.shape == (3, 32, 32) and view.dtype == torch.float32
-    a = eval_transform(32, (0.5,) * 3, (0.5,) * 3, 1.0)(img)
-    assert a.shape == (3, 32, 32) and torch.equal(a, eval_transform(32, (0.5,) * 3, (0.5,) * 3, 1.0)(img))

@@ -76,10 +76,10 @@ def test_balanced_subsets_are_balanced_and_reproducible():
 def _semi_data_parallel(rank, world_size):
     import torch.distributed as dist
 
-    from ifc_ds.augment import eval_transform
-    from ifc_ds.config import load_config
-    from ifc_ds.data import InstanceDataset, load_dataset, make_loader
-    from ifc_ds.features import shard_batches
+    from ifc_ds.augment import DeviceViews
+    from ifc_ds.config import AugmentConfig, load_config
+    from ifc_ds.crops import SampleCrop
+    from ifc_ds.data import InstanceDataset, load_dataset, make_loader, ordered_batches
     from ifc_ds.model import InstanceEncoder
 
     train, test = load_dataset("sklearn:digits:limit=400"), load_dataset("sklearn:digits:start=1600")
@@ -93,18 +93,18 @@ def _semi_data_parallel(rank, world_size):
     dist.all_gather(copies, flat)
     assert torch.equal(copies[0], copies[1])  # the ranks fine-tuned one model together
 
-    transform = eval_transform(16, mean, std, 1.0)
+    crop, views = SampleCrop(16, train=False), DeviceViews(AugmentConfig(), 16, mean, std)
 
     def my_share():
-        for batch in shard_batches(test, transform, 32, with_labels=True):
-            yield batch["images"], batch["labels"]
+        for batch in ordered_batches(test, crop, 32, with_labels=True):
+            yield views.eval(batch["images"]), batch["labels"]
 
     top1, rows = evaluate(model, my_share, cpu)
     # reference: the whole test split in one process, no collective
     correct = 0
     with torch.no_grad():
-        for batch in make_loader(InstanceDataset(test, transform, with_labels=True), batch_size=64):
-            correct += (model(batch["images"]).argmax(1) == batch["labels"]).sum().item()
+        for batch in make_loader(InstanceDataset(test, crop, with_labels=True), batch_size=64):
+            correct += (model(views.eval(batch["images"])).argmax(1) == batch["labels"]).sum().item()
     assert rows == test.num_instances == 197 and top1 == pytest.approx(correct / rows, abs=1e-12)
 
 

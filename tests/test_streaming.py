@@ -31,9 +31,11 @@ def _png(row: int) -> bytes:
     return buf.getvalue()
 
 
-def row_of(image) -> torch.Tensor:
-    """The row number an image encodes (the transform the tests stream with)."""
-    pixels = np.asarray(image)
+def row_of(cell, instance_id) -> torch.Tensor:
+    """The row number an image encodes (what the tests stream instead of a crop)."""
+    from ifc_ds.crops import decode_image
+
+    pixels = np.asarray(decode_image(cell))
     return torch.tensor(int(pixels[0, 0, 0]) + 256 * int(pixels[0, 0, 1]))
 
 

@@ -379,7 +379,8 @@ sys.exit(train.main())
 def test_own_failures_keep_their_traceback_and_do_not_claim_a_lost_peer(tmp_path, failure):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", FAILURE_SCRIPT, failure, *TINY, f"output_dir={tmp_path / 'run'}",
-                           "train.batch_size=16", "data.num_workers=1", "hooks.raw_init.enabled=false"],
+                           "train.batch_size=16", "data.num_workers=1", "data.in_memory=never",
+                           "hooks.raw_init.enabled=false"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode == EXIT_FAILED and proc.returncode != EXIT_PEER_LOST, output[-3000:]
@@ -394,3 +395,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "DatasetSpecError: dataset 'parquet:/nonexistent/*.parquet': no file matches" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_in_memory_and_on_the_fly_train_identically(tmp_path, reference):
+    """Decoding every sample in DataLoader workers gives bitwise the run that decoding once into memory
+    gives: the same crops, the same device views, the same steps."""
+    out = tmp_path / "run"
+    ok(run_ranks(2, [f"output_dir={out}", "train.epochs=3", "checkpoint.every_steps=2", "data.in_memory=never",
+                     "data.num_workers=1"], tmp_path / "a"), tmp_path / "a")
+    assert "decoded into memory" in (reference / "logs" / "rank0.log").read_text()
+    assert "decoded into memory" not in (tmp_path / "a" / "rank0.log").read_text()
+    assert_same_state(find_checkpoint(str(out), "auto"), find_checkpoint(str(reference), "auto"))
