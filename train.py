@@ -9,7 +9,9 @@ the DeepSpeed flags (--deepspeed_config, --local_rank, ...) are accepted as well
 
 import argparse
 import logging
+import multiprocessing
 import os
+import signal
 import sys
 import traceback
 
@@ -41,6 +43,7 @@ def main(argv=None) -> int:
     except (ConfigError, DatasetSpecError, CheckpointError) as exc:  # bad input: one line says what
         logging.getLogger("ifc_ds").error("%s: %s", type(exc).__name__, exc)
         logging.shutdown()
+        stop_children()
         os._exit(EXIT_USAGE)
     except Exception as exc:
         log = logging.getLogger("ifc_ds")
@@ -57,7 +60,17 @@ def main(argv=None) -> int:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
+        stop_children()
         os._exit(code)  # tearing down a process group whose peers are gone or waiting can itself hang
+
+
+def stop_children() -> None:
+    """Kill this rank's DataLoader workers: ``os._exit`` skips the atexit handler that would, and a worker
+    stuck in a read or a decoder would outlive the rank (holding its output pipes, so srun waits on it)."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise "worker killed" mid-exit
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=5)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,27 @@ def make_dataset(folder: Path, images: int, files: int = 4) -> str:
     return f"parquet:{folder}/*.parquet"
 
 
+def fed_step(epochs, views, engines, size: int, dev):
+    """One trainer step fed by ``epochs`` (a MapEpochs), epoch after epoch, as the trainer runs it."""
+    from ifc_ds.crops import batch_crops
+    from ifc_ds.engine import optimizer_step, train_step
+
+    state = {"epoch": 0, "it": epochs.batches(0, 0)}
+
+    def step():
+        item = next(state["it"], None)
+        if item is None:
+            state["epoch"] += 1
+            state["it"] = epochs.batches(state["epoch"], 0)
+            item = next(state["it"])
+        _, _, batch = item
+        images = views.train(batch_crops(batch, size, dev), batch["ids"], state["epoch"])
+        train_step(engines, images, batch["ids"].to(dev), 0, 0.0)
+        optimizer_step(engines)
+
+    return step
+
+
 def timed(step, steps: int, sync) -> float:
     """Median seconds per call over ``steps`` calls, after 3 warm-up calls."""
     for _ in range(3):
@@ -89,7 +110,6 @@ def main():
     from ifc_ds.augment import DeviceViews, train_crop
     from ifc_ds.classifier import ShardedInstanceClassifier
     from ifc_ds.config import load_config
-    from ifc_ds.crops import batch_crops
     from ifc_ds.data import InstanceBatchSampler, MapEpochs, load_dataset
     from ifc_ds.dist import init_distributed
     from ifc_ds.engine import build_engines, optimizer_step, train_step
@@ -127,8 +147,12 @@ def main():
             optimizer_step(engines)
 
         def backbone_only():
+            if engines.flat_grads is not None:
+                engines.flat_grads.attach()
             features = engines.backbone(fixed)
             engines.backbone.backward(features.float().square().mean())
+            if engines.flat_grads is not None:
+                engines.flat_grads.all_reduce()
             engines.backbone.step()
 
         rows, memory = {}, {}
@@ -144,19 +168,7 @@ def main():
             crop = train_crop(cfg.augment, args.size, 0, raw_jpeg=raw)
             sampler = InstanceBatchSampler(loaded.num_instances, args.batch, 0, 1, 0)
             epochs = MapEpochs(loaded, sampler, crop, args.workers, dev.type == "cuda", None, 600)
-            state = {"epoch": 0, "it": epochs.batches(0, 0)}
-
-            def step_fed():
-                item = next(state["it"], None)
-                if item is None:
-                    state["epoch"] += 1
-                    state["it"] = epochs.batches(state["epoch"], 0)
-                    item = next(state["it"])
-                _, _, batch = item
-                images = views.train(batch_crops(batch, args.size, dev), batch["ids"], state["epoch"])
-                train_step(engines, images, batch["ids"].to(dev), 0, 0.0)
-                optimizer_step(engines)
-
+            step_fed = fed_step(epochs, views, engines, args.size, dev)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             rows[name] = timed(step_fed, args.steps, sync)

@@ -259,3 +259,30 @@ def test_device_views_on_cuda_match_the_cpu():
     out = gpu.train(crop_resize(images.cuda(), boxes.cuda(), 32), ids, 1)
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
     assert (out.float().cpu() - reference).abs().mean() < 0.02  # bf16 rounding of values ~1
+
+
+def test_decoding_into_memory_with_workers_and_on_two_ranks(tmp_path):
+    """DataLoader workers write into the shared mapping directly; two ranks each decode half into one
+    /dev/shm file: both give the single-process tensor, and no file is left behind."""
+    import glob
+
+    from ifc_ds.data import load_dataset
+    from ifc_ds.decoded import decode_into_memory
+    from tests._dist import run_ranks
+
+    loaded = load_dataset("sklearn:digits", limit=200)
+    alone = decode_into_memory(loaded, (32, 32))
+    with_workers = decode_into_memory(loaded, (32, 32), num_workers=2)
+    assert torch.equal(alone.images, with_workers.images) and alone.images.sum() > 0
+    before = set(glob.glob("/dev/shm/ifc_ds-*"))
+    torch.save(alone.images, tmp_path / "alone.pt")
+    run_ranks(_decode_on_ranks, 2, str(tmp_path))
+    assert set(glob.glob("/dev/shm/ifc_ds-*")) <= before
+
+
+def _decode_on_ranks(rank, world_size, tmp):
+    from ifc_ds.data import load_dataset
+    from ifc_ds.decoded import decode_into_memory
+
+    decoded = decode_into_memory(load_dataset("sklearn:digits", limit=200), (32, 32))
+    assert torch.equal(decoded.images, torch.load(f"{tmp}/alone.pt"))

@@ -355,11 +355,14 @@ def test_replacing_a_checkpoint_is_atomic(tmp_path, point):
 FAILURE_SCRIPT = """
 import sys, torch
 from ifc_ds import data, engine
-if sys.argv[1] == "worker":
+MODE = sys.argv[1]
+if MODE in ("worker", "hang"):
     real = data.InstanceDataset.__getitem__
     def crash(self, index):
-        import os
+        import os, time
         if torch.utils.data.get_worker_info() is not None:
+            if MODE == "hang":
+                time.sleep(600)  # a worker stuck on a file system or a decoder
             os._exit(3)  # a worker dies (OOM killer, segfault in a decoder)
         return real(self, index)
     data.InstanceDataset.__getitem__ = crash
@@ -375,17 +378,21 @@ sys.exit(train.main())
 """
 
 
-@pytest.mark.parametrize("failure", ["worker", "step"])
+@pytest.mark.parametrize("failure", ["worker", "hang", "step"])
 def test_own_failures_keep_their_traceback_and_do_not_claim_a_lost_peer(tmp_path, failure):
+    """A crashed DataLoader worker, a stuck one (the loader's timeout, dist.timeout_s, turns it into an
+    error), and a RuntimeError of the step whose text says "timed out" are this rank's failures."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", FAILURE_SCRIPT, failure, *TINY, f"output_dir={tmp_path / 'run'}",
                            "train.batch_size=16", "data.num_workers=1", "data.in_memory=never",
-                           "hooks.raw_init.enabled=false"],
+                           "hooks.raw_init.enabled=false", "dist.timeout_s=10"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode == EXIT_FAILED and proc.returncode != EXIT_PEER_LOST, output[-3000:]
     assert "Traceback (most recent call last)" in output and "a peer rank died" not in output
-    assert ("exited unexpectedly" if failure == "worker" else "on something of its own") in output
+    expected = {"worker": "exited unexpectedly", "hang": "DataLoader timed out after 10.0 seconds",
+                "step": "on something of its own"}[failure]
+    assert expected in output
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
