@@ -9,9 +9,7 @@ the DeepSpeed flags (--deepspeed_config, --local_rank, ...) are accepted as well
 
 import argparse
 import logging
-import multiprocessing
 import os
-import signal
 import sys
 import traceback
 
@@ -20,6 +18,7 @@ import deepspeed
 from ifc_ds.checkpoint import CheckpointError
 from ifc_ds.config import ConfigError, load_config
 from ifc_ds.data import DatasetSpecError
+from ifc_ds.dist import stop_children
 from ifc_ds.trainer import EXIT_FAILED, EXIT_PEER_LOST, EXIT_USAGE, finish, is_peer_failure, run
 
 
@@ -62,15 +61,6 @@ def main(argv=None) -> int:
         sys.stderr.flush()
         stop_children()
         os._exit(code)  # tearing down a process group whose peers are gone or waiting can itself hang
-
-
-def stop_children() -> None:
-    """Kill this rank's DataLoader workers: ``os._exit`` skips the atexit handler that would, and a worker
-    stuck in a read or a decoder would outlive the rank (holding its output pipes, so srun waits on it)."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise "worker killed" mid-exit
-    for child in multiprocessing.active_children():
-        child.kill()
-        child.join(timeout=5)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,13 @@ row is its own. Prints one markdown table; the 3-GEMM row is the same-run baseli
 
     python benchmarks/classifier.py                      # N = 100k, 1M, 4M (about 10 min here)
     python benchmarks/classifier.py --sizes 100000 --steps 5
+
+On a GPU (one rank per device; ``layer_fused`` is the Triton path, ``layer`` the block loops):
+
+    python benchmarks/classifier.py --device cuda --ranks 1 --bf16 --sizes 1000000 4000000 --batch 512 4096
+    python benchmarks/classifier.py --device cuda --ranks 1 --bf16 --sizes 10000000 --batch 4096 \
+        --variants gemm3 layer_fused
+    python benchmarks/classifier.py --device cuda --ranks 1 --sizes 1000000 --batch 512   # fp32 inputs
 """
 
 from __future__ import annotations
@@ -24,9 +31,12 @@ import torch.nn.functional as F
 
 from ifc_ds.classifier import ShardedInstanceClassifier, shard_range
 
-VARIANTS = ("gemm3", "layer", "layer_chunked", "replicated")
+VARIANTS = ("gemm3", "layer", "layer_fused", "layer_chunked", "replicated")
 LABELS = {"gemm3": "3 bare GEMMs (limit)", "layer": "ShardedInstanceClassifier",
+          "layer_fused": "ShardedInstanceClassifier fused (Triton)",
           "layer_chunked": "ShardedInstanceClassifier chunked", "replicated": "replicated W + all-reduce (PIC)"}
+# the fused kernels need an accelerator (on CPU they only run in Triton's interpreter)
+CPU_VARIANTS = tuple(v for v in VARIANTS if v != "layer_fused")
 
 
 def _rss_mb() -> float:
@@ -65,7 +75,8 @@ def _make_step(variant, n_total, dim, batch_global, rank, world, chunk, autocast
         return step
     if variant.startswith("layer"):
         clf = ShardedInstanceClassifier(n_total, dim, temperature=0.1,
-                                        chunk_size=chunk if variant == "layer_chunked" else None).to(device)
+                                        chunk_size=chunk if variant == "layer_chunked" else None,
+                                        fused="always" if variant == "layer_fused" else "never").to(device)
 
         def step():
             clf.weight.grad = None
@@ -87,7 +98,7 @@ def _make_step(variant, n_total, dim, batch_global, rank, world, chunk, autocast
     return step
 
 
-def _worker(rank, world, store, variant, n_total, args, out_path):
+def _worker(rank, world, store, variant, n_total, batch, args, out_path):
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(minutes=10))
@@ -95,7 +106,7 @@ def _worker(rank, world, store, variant, n_total, args, out_path):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = torch.bfloat16 if args.bf16 else None
-    step = _make_step(variant, n_total, args.dim, args.batch, rank, world, args.chunk, dtype, device)
+    step = _make_step(variant, n_total, args.dim, batch, rank, world, args.chunk, dtype, device)
     mem_before = _memory_now(device)  # weights and inputs exist; buffers a step allocates count as extra
     step()  # warm-up (also allocates the buffers kept across steps)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -119,11 +130,11 @@ def _worker(rank, world, store, variant, n_total, args, out_path):
     dist.destroy_process_group()
 
 
-def measure(variant, n_total, args):
+def measure(variant, n_total, batch, args):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.pt")
         try:
-            mp.spawn(_worker, args=(args.ranks, os.path.join(tmp, "s"), variant, n_total, args, out),
+            mp.spawn(_worker, args=(args.ranks, os.path.join(tmp, "s"), variant, n_total, batch, args, out),
                      nprocs=args.ranks)
             return torch.load(out)
         except Exception as exc:  # e.g. killed for memory: report the row, keep going
@@ -133,39 +144,45 @@ def measure(variant, n_total, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 4_000_000])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
+                        help="default: all (without layer_fused on CPU)")
     parser.add_argument("--skip-replicated-above", type=int, default=2_000_000,
                         help="the replicated baseline needs ~3.5 x N x B/2 x 4 bytes per rank")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=512, help="global batch")
+    parser.add_argument("--batch", type=int, nargs="+", default=[512], help="global batch(es)")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=32768)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (the layer computes fp32 inside)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast (the unfused layer computes fp32 inside; the fused one bf16 GEMMs)")
     args = parser.parse_args()
+    if args.variants is None:
+        args.variants = list(VARIANTS if args.device != "cpu" else CPU_VARIANTS)
 
     print(f"ranks={args.ranks} threads/rank={args.threads} B_global={args.batch} D={args.dim} "
           f"chunk={args.chunk} steps={args.steps} device={args.device} bf16={args.bf16}\n")
     memory = "device memory" if args.device != "cpu" else "RSS"
-    print(f"| N | variant | ms/step median (min-max) | x 3-GEMM | peak {memory} MB/rank | peak extra MB/rank |")
-    print("|---|---|---|---|---|---|")
+    print(f"| N | B | variant | ms/step median (min-max) | x 3-GEMM | peak {memory} MB/rank | peak extra MB/rank |")
+    print("|---|---|---|---|---|---|---|")
     for n_total in args.sizes:
-        gemm = None
-        for variant in args.variants:
-            if variant == "replicated" and n_total > args.skip_replicated_above:
-                print(f"| {n_total:,} | {LABELS[variant]} | skipped: needs > 24 GB on 2 ranks | | | |")
-                continue
-            r = measure(variant, n_total, args)
-            if "error" in r:
-                print(f"| {n_total:,} | {LABELS[variant]} | failed ({r['error']}) | | | |", flush=True)
-                continue
-            gemm = r["median"] if variant == "gemm3" else gemm
-            ratio = f"{r['median'] / gemm:.2f}" if gemm else "-"
-            ms = [f"{r[k] * 1e3:.{1 if r['median'] < 0.1 else 0}f}" for k in ("median", "min", "max")]
-            print(f"| {n_total:,} | {LABELS[variant]} | {ms[0]} ({ms[1]}-{ms[2]}) | {ratio} | {r['peak_mb']:.0f} | "
-                  f"{r['extra_mb']:.0f} |", flush=True)
+        for batch in args.batch:
+            head = f"| {n_total:,} | {batch:,} |"
+            gemm = None
+            for variant in args.variants:
+                if variant == "replicated" and n_total > args.skip_replicated_above:
+                    print(f"{head} {LABELS[variant]} | skipped: needs > 24 GB on 2 ranks | | | |")
+                    continue
+                r = measure(variant, n_total, batch, args)
+                if "error" in r:
+                    print(f"{head} {LABELS[variant]} | failed ({r['error']}) | | | |", flush=True)
+                    continue
+                gemm = r["median"] if variant == "gemm3" else gemm
+                ratio = f"{r['median'] / gemm:.2f}" if gemm else "-"
+                ms = [f"{r[k] * 1e3:.{1 if r['median'] < 0.1 else 0}f}" for k in ("median", "min", "max")]
+                print(f"{head} {LABELS[variant]} | {ms[0]} ({ms[1]}-{ms[2]}) | {ratio} | {r['peak_mb']:.0f} | "
+                      f"{r['extra_mb']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

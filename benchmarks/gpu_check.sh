@@ -3,9 +3,12 @@
 #
 #   bash benchmarks/gpu_check.sh              # results (logs and tables) in $OUT, default benchmarks/results/gpu
 #
-# 1. the CUDA tests (classifier exactness with bf16 features, device views on CUDA vs the CPU);
-# 2. benchmarks/classifier.py at N = 1M, bf16 (the sharded classifier against its bare GEMMs);
-# 3. benchmarks/gpu_train.py: ResNet-50 at 224 px, zero2_bf16, on 4,096 generated JPEGs: the step on
+# 1. the CUDA tests (classifier exactness with bf16 features, the fused Triton kernels, device views on
+#    CUDA vs the CPU);
+# 2. benchmarks/classifier.py, bf16: N = 1M at B = 512 and 4,096 (block loops, fused kernels, bare GEMMs),
+#    N = 10M at B = 4,096 fused, and fp32 inputs at N = 1M (issue 14's rows);
+# 3. benchmarks/gpu_train.py: ResNet-50 at 224 px, zero2_bf16, on 4,096 generated JPEGs with a classifier
+#    of N = 1,281,167 rows (ImageNet's scale): the step on
 #    tensors in memory vs end to end (CPU decode in workers, and nvJPEG), the classifier's share, peak memory;
 # 4. a short end-to-end `deepspeed train.py` on the digits, kNN at the end.
 #
@@ -34,14 +37,19 @@ $PY -c "import torch, deepspeed, datasets, timm; print('torch', torch.__version_
 'datasets', datasets.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
 
 step "1. CUDA tests"
-timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_classifier.py tests/test_augment.py 2>&1 | tee "$OUT/tests.txt" | tail -5
+timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_classifier.py tests/test_fused_loss.py \
+    tests/test_augment.py 2>&1 | tee "$OUT/tests.txt" | tail -5
 
-step "2. classifier, N = 1M, bf16"
-timeout 150 $PY benchmarks/classifier.py --device cuda --ranks 1 --sizes 1000000 --steps 10 \
-    --skip-replicated-above 100000000 --bf16 2>&1 | tee "$OUT/classifier.txt" | grep -E "^\||x 3-GEMM"
+step "2. classifier: fused vs block loops vs bare GEMMs"
+timeout 150 $PY benchmarks/classifier.py --device cuda --ranks 1 --sizes 1000000 --batch 512 4096 --steps 10 \
+    --variants gemm3 layer layer_fused --bf16 2>&1 | tee "$OUT/classifier.txt" | grep -E "^\||x 3-GEMM"
+timeout 90 $PY benchmarks/classifier.py --device cuda --ranks 1 --sizes 10000000 --batch 4096 --steps 5 \
+    --variants gemm3 layer_fused --bf16 2>&1 | tee "$OUT/classifier_10m.txt" | grep -E "^\||x 3-GEMM"
+timeout 60 $PY benchmarks/classifier.py --device cuda --ranks 1 --sizes 1000000 --batch 512 --steps 10 \
+    --variants gemm3 layer layer_fused 2>&1 | tee "$OUT/classifier_fp32.txt" | grep -E "^\||x 3-GEMM"
 
 step "3. ResNet-50 224 px zero2_bf16: data path vs step in memory"
-timeout 300 $PY benchmarks/gpu_train.py --images 4096 --batch 256 --steps 10 2>&1 | tee "$OUT/gpu_train.txt" \
+timeout 300 $PY benchmarks/gpu_train.py --images 4096 --instances 1281167 --batch 256 --steps 10 2>&1 | tee "$OUT/gpu_train.txt" \
     | grep -E "^\||share|JPEGs"
 
 step "4. deepspeed train.py, digits, 1 GPU"

@@ -23,11 +23,17 @@ Numerics (all fp32, whatever the autocast dtype):
   Because the logits are cosines, ``|z| <= 1/T``; for ``1/T <= 40`` the exponentials cannot
   overflow fp32 even summed over 4e9 classes, so no row maximum is needed (one pass and one
   collective saved). Smaller temperatures use the classic running row maximum.
+
+Fused path (``fused=``, CUDA by default): the same loss by the Triton kernels of
+``ifc_ds.fused_loss``, which never write the ``[N/P, B]`` logits; their GEMM operands follow the
+autocast dtype (bf16: fp32 accumulation, results within bf16 rounding of the fp32 path).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -145,6 +151,8 @@ class _LossSpec:
     keep_logits: bool  # True: keep exp(logits) for backward; False: recompute block by block
     group: object
     world_size: int
+    fused: bool = False  # the Triton kernels of ifc_ds.fused_loss instead of the block loops
+    operand_dtype: torch.dtype = torch.float32  # fused only: GEMM operand dtype (fp32 accumulation)
 
 
 def _block_size(batch: int, chunk_size: int | None, device: torch.device) -> int:
@@ -185,6 +193,80 @@ def _workspace_view(workspace: dict, name: str, shape: tuple[int, int], device) 
     return buf[:numel].view(shape)
 
 
+def _scan_blocks(ctx, workspace, weight32, col_scale2, features_all, ids_all, local_ids, owned, shift: bool,
+                 spec: _LossSpec):
+    """The unfused forward over this shard, block by block of ``spec.block`` classes.
+
+    Returns sum_exp ``[B]`` (this shard's, base-2 exponentials shifted by row_max), row_max ``[B]``
+    (global, base-2; zeros unless ``shift``), the top-k candidates ``[k', B]`` (base-2 values, global
+    ids) and the kept ``[n, B]`` exp-logits buffer (None unless ``spec.keep_logits``).
+    """
+    batch, n_rows, device = features_all.shape[0], weight32.shape[0], features_all.device
+    features_t = features_all.T.contiguous()  # [D, B]
+    batch_idx = torch.arange(batch, device=device)
+    row_max = torch.zeros(batch, device=device)
+    if shift:
+        row_max.fill_(-math.inf)
+        for c0, c1 in _blocks(n_rows, spec.block):
+            logits2 = torch.mm(weight32[c0:c1] * col_scale2[c0:c1, None], features_t)
+            row_max = torch.maximum(row_max, logits2.amax(0))
+        _all_reduce(row_max, dist.ReduceOp.MAX, spec.group, spec.world_size)  # base-2 units
+
+    kept = _workspace_view(workspace, "logits", (n_rows, batch), device) if spec.keep_logits else None
+    if kept is not None:
+        # in use until backward has consumed it, or until the graph is dropped without a backward
+        # (a skipped non-finite step): a weak reference to this ctx tells which
+        workspace["owner"] = weakref.ref(ctx)
+    k = spec.search_k
+    best_vals = features_all.new_empty((0, batch))
+    best_idx = ids_all.new_empty((0, batch))
+    sum_exp = torch.zeros(batch, device=device)
+    for c0, c1 in _blocks(n_rows, spec.block):
+        out = kept[c0:c1] if kept is not None else _workspace_view(workspace, "block", (c1 - c0, batch), device)
+        logits2 = torch.mm(weight32[c0:c1] * col_scale2[c0:c1, None], features_t, out=out)  # [c, B]
+        if k:
+            own = owned & (local_ids >= c0) & (local_ids < c1)
+            own_rows, own_cols = local_ids[own] - c0, batch_idx[own]
+            saved = logits2[own_rows, own_cols]
+            logits2[own_rows, own_cols] = -math.inf  # the positive is not a negative
+            vals, idx = torch.topk(logits2, min(k, c1 - c0), dim=0, sorted=False)
+            best_vals, best_idx = _merge_topk(best_vals, best_idx, vals, idx + (spec.row_start + c0), k)
+            logits2[own_rows, own_cols] = saved
+        if shift:
+            logits2.sub_(row_max)
+        sum_exp += logits2.exp2_().sum(0)
+    return sum_exp, row_max, best_vals, best_idx, kept
+
+
+def _fused_scan(weight32, col_scale2, features_all, local_ids, owned, shift: bool, spec: _LossSpec):
+    """The fused forward over this shard (``ifc_ds.fused_loss.scan``); returns what ``_scan_blocks``
+    does, without the kept buffer. Shifted, each row split of the kernel reports its own maximum
+    and a sum relative to it; they are rescaled here to the global maximum (one pass instead of two)."""
+    from ifc_ds import fused_loss  # imported on first use: triton is optional
+
+    own_rows = torch.where(owned, local_ids, -1)  # excluded from the top-k
+    res = fused_loss.scan(weight32, col_scale2, features_all.to(spec.operand_dtype), own_rows,
+                          spec.search_k, shift)
+    if shift:
+        row_max = _all_reduce(res.maxes.amax(0), dist.ReduceOp.MAX, spec.group, spec.world_size)
+        sum_exp = (res.sums * torch.exp2(res.maxes - row_max)).sum(0)
+    else:
+        row_max = torch.zeros_like(res.sums[0])
+        sum_exp = res.sums.sum(0)
+    best_idx = torch.where(res.top_idx >= 0, res.top_idx + spec.row_start, -1)
+    return sum_exp, row_max, res.top_vals, best_idx
+
+
+def _fused_dense_backward(features_all, weight32, inv_norm, row_max, row_scale, shift: bool, spec: _LossSpec):
+    """The dense softmax part of backward by ``ifc_ds.fused_loss.dense_backward``:
+    (grad_features ``[B, D]``, grad_weight ``[n, D]`` already through the weight norm), fp32."""
+    from ifc_ds import fused_loss
+
+    col_scale2 = inv_norm / spec.temperature * _LOG2E  # as in forward: the scan's logits exactly
+    return fused_loss.dense_backward(weight32, col_scale2, inv_norm, spec.temperature,
+                                     features_all.to(spec.operand_dtype), row_max if shift else None, row_scale)
+
+
 class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
     """Loss of the gathered batch against this rank's rows; see the module docstring.
 
@@ -197,54 +279,29 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features_all, weight, ids_all, spec: _LossSpec, workspace: dict):
-        batch, n_rows, device = features_all.shape[0], weight.shape[0], features_all.device
+        batch, n_rows = features_all.shape[0], weight.shape[0]
         weight32 = weight.detach().float()
         inv_norm = torch.linalg.vector_norm(weight32, dim=1).clamp_min(1e-12).reciprocal_()
         col_scale = inv_norm / spec.temperature  # logit = <f, w_i> * col_scale_i
         col_scale2 = col_scale * _LOG2E  # the same in base-2 units
-        features_t = features_all.T.contiguous()  # [D, B]
         local_ids = ids_all - spec.row_start
         owned = (local_ids >= 0) & (local_ids < n_rows)
         local_ids = local_ids.clamp(0, n_rows - 1)
-        batch_idx = torch.arange(batch, device=device)
 
         # the positive logit, summed over ranks (exactly one rank owns each id)
         positive = (features_all * weight32[local_ids]).sum(1) * col_scale[local_ids]
         positive = _all_reduce(torch.where(owned, positive, 0.0), dist.ReduceOp.SUM, spec.group, spec.world_size)
 
-        # only for tiny T: the global row maximum, so that exp() cannot overflow
+        # only for tiny T: the global row maximum (base-2 units), so that exp() cannot overflow
         shift = 1.0 / spec.temperature > _MAX_UNSHIFTED_INV_TEMPERATURE
-        row_max = torch.zeros(batch, device=device)
-        if shift:
-            row_max.fill_(-math.inf)
-            for c0, c1 in _blocks(n_rows, spec.block):
-                logits2 = torch.mm(weight32[c0:c1] * col_scale2[c0:c1, None], features_t)
-                row_max = torch.maximum(row_max, logits2.amax(0))
-            _all_reduce(row_max, dist.ReduceOp.MAX, spec.group, spec.world_size)  # base-2 units
-
-        kept = _workspace_view(workspace, "logits", (n_rows, batch), device) if spec.keep_logits else None
-        if kept is not None:
-            # in use until backward has consumed it, or until the graph is dropped without a backward
-            # (a skipped non-finite step): a weak reference to this ctx tells which
-            workspace["owner"] = weakref.ref(ctx)
         k = spec.search_k
-        best_vals = features_all.new_empty((0, batch))
-        best_idx = ids_all.new_empty((0, batch))
-        sum_exp = torch.zeros(batch, device=device)
-        for c0, c1 in _blocks(n_rows, spec.block):
-            out = kept[c0:c1] if kept is not None else _workspace_view(workspace, "block", (c1 - c0, batch), device)
-            logits2 = torch.mm(weight32[c0:c1] * col_scale2[c0:c1, None], features_t, out=out)  # [c, B]
-            if k:
-                own = owned & (local_ids >= c0) & (local_ids < c1)
-                own_rows, own_cols = local_ids[own] - c0, batch_idx[own]
-                saved = logits2[own_rows, own_cols]
-                logits2[own_rows, own_cols] = -math.inf  # the positive is not a negative
-                vals, idx = torch.topk(logits2, min(k, c1 - c0), dim=0, sorted=False)
-                best_vals, best_idx = _merge_topk(best_vals, best_idx, vals, idx + (spec.row_start + c0), k)
-                logits2[own_rows, own_cols] = saved
-            if shift:
-                logits2.sub_(row_max)
-            sum_exp += logits2.exp2_().sum(0)
+        kept = None
+        if spec.fused:  # one kernel: sum-exp (online row max if shifted) and top-k, no [n, B] logits
+            sum_exp, row_max, best_vals, best_idx = _fused_scan(weight32, col_scale2, features_all, local_ids,
+                                                                owned, shift, spec)
+        else:
+            sum_exp, row_max, best_vals, best_idx, kept = _scan_blocks(
+                ctx, workspace, weight32, col_scale2, features_all, ids_all, local_ids, owned, shift, spec)
         _all_reduce(sum_exp, dist.ReduceOp.SUM, spec.group, spec.world_size)
         log_norm = sum_exp.log() + row_max / _LOG2E
         best_vals = best_vals / _LOG2E
@@ -279,36 +336,21 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_accuracy):
         features_all, weight, ids_all, sum_exp, row_max, inv_norm, neg_ids = ctx.saved_tensors
-        spec, kept = ctx.spec, ctx.kept
-        batch, n_rows, device = features_all.shape[0], weight.shape[0], features_all.device
+        spec = ctx.spec
+        batch, n_rows = features_all.shape[0], weight.shape[0]
         weight32 = weight.detach().float()
-        col_scale2 = inv_norm * (_LOG2E / spec.temperature)
         shift = 1.0 / spec.temperature > _MAX_UNSHIFTED_INV_TEMPERATURE
-        features_t = features_all.T.contiguous()
 
         # d loss / d logit[i, b] = (softmax - target) * grad / B. The softmax is exp[i, b] * row_scale[b]:
         # the row scale goes onto the small [B, D] operands instead of a pass over the logits, and the
         # sparse targets are applied to the few rows they touch after the dense block loop.
         row_scale = (grad_loss / batch) / sum_exp
-        scaled_features = features_all * row_scale[:, None]
-        grad_features = torch.zeros_like(features_all)
-        grad_weight = torch.empty_like(weight32)
-        for c0, c1 in _blocks(n_rows, spec.block):
-            scaled_w2 = weight32[c0:c1] * col_scale2[c0:c1, None]
-            if kept is not None:
-                exp_logits = kept[c0:c1]
-            else:  # memory-lean mode: recompute this block
-                out = _workspace_view(ctx.workspace, "block", (c1 - c0, batch), device)
-                exp_logits = torch.mm(scaled_w2, features_t, out=out)
-                if shift:
-                    exp_logits.sub_(row_max)
-                exp_logits.exp2_()
-            grad_features.addmm_(exp_logits.T, scaled_w2)  # base-2 scale, undone below
-            torch.mm(exp_logits, scaled_features, out=grad_weight[c0:c1])
-            _through_weight_norm(grad_weight[c0:c1], weight32[c0:c1], inv_norm[c0:c1], spec.temperature)
-        grad_features.mul_((row_scale / _LOG2E)[:, None])
-        if kept is not None:  # release the kept buffer for the next step
-            ctx.kept, ctx.workspace["owner"] = None, None
+        if spec.fused:
+            grad_features, grad_weight = _fused_dense_backward(features_all, weight32, inv_norm, row_max,
+                                                               row_scale, shift, spec)
+        else:
+            grad_features, grad_weight = _dense_backward_blocks(ctx, features_all, weight32, inv_norm, row_max,
+                                                                row_scale, shift)
 
         rows, cols, values = _sparse_targets(ids_all, neg_ids, spec, n_rows, grad_loss / batch)
         scaled_rows = weight32[cols] * (inv_norm[cols] / spec.temperature)[:, None]
@@ -317,6 +359,35 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         _through_weight_norm(target_grad, weight32[cols], inv_norm[cols], spec.temperature)
         grad_weight.index_add_(0, cols, target_grad)
         return grad_features, grad_weight.to(weight.dtype), None, None, None
+
+
+def _dense_backward_blocks(ctx, features_all, weight32, inv_norm, row_max, row_scale, shift: bool):
+    """The dense softmax part of backward, block by block, from the kept exp-logits or recomputed:
+    (grad_features ``[B, D]``, grad_weight ``[n, D]`` through the weight norm), fp32."""
+    spec, kept = ctx.spec, ctx.kept
+    batch, n_rows, device = features_all.shape[0], weight32.shape[0], features_all.device
+    col_scale2 = inv_norm * (_LOG2E / spec.temperature)
+    features_t = features_all.T.contiguous()
+    scaled_features = features_all * row_scale[:, None]
+    grad_features = torch.zeros_like(features_all)
+    grad_weight = torch.empty_like(weight32)
+    for c0, c1 in _blocks(n_rows, spec.block):
+        scaled_w2 = weight32[c0:c1] * col_scale2[c0:c1, None]
+        if kept is not None:
+            exp_logits = kept[c0:c1]
+        else:  # memory-lean mode: recompute this block
+            out = _workspace_view(ctx.workspace, "block", (c1 - c0, batch), device)
+            exp_logits = torch.mm(scaled_w2, features_t, out=out)
+            if shift:
+                exp_logits.sub_(row_max)
+            exp_logits.exp2_()
+        grad_features.addmm_(exp_logits.T, scaled_w2)  # base-2 scale, undone below
+        torch.mm(exp_logits, scaled_features, out=grad_weight[c0:c1])
+        _through_weight_norm(grad_weight[c0:c1], weight32[c0:c1], inv_norm[c0:c1], spec.temperature)
+    grad_features.mul_((row_scale / _LOG2E)[:, None])
+    if kept is not None:  # release the kept buffer for the next step
+        ctx.kept, ctx.workspace["owner"] = None, None
+    return grad_features, grad_weight
 
 
 def _through_weight_norm(grad: torch.Tensor, weight: torch.Tensor, inv_norm: torch.Tensor, temperature: float):
@@ -342,6 +413,37 @@ def _sparse_targets(ids_all, neg_ids, spec: _LossSpec, n_rows: int, scale):
     return rows[mine], cols[mine], vals[mine]
 
 
+# --------------------------------------------------------------------------- fused-path selection
+FUSED_MODES = ("auto", "always", "never")
+_FUSED_MAX_DIM = 512  # ifc_ds.fused_loss.MAX_DIM: the kernels hold the whole feature dim in one tile
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _use_fused(mode: str, device: torch.device, dim: int) -> bool:
+    """Whether this forward runs the Triton kernels (see ``ShardedInstanceClassifier``'s ``fused``)."""
+    if mode == "never":
+        return False
+    if mode == "auto":
+        return device.type == "cuda" and dim <= _FUSED_MAX_DIM and _triton_available()
+    if not _triton_available():
+        raise RuntimeError("fused='always' needs triton, which is not installed")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise RuntimeError("fused='always' on CPU runs the Triton kernels in the interpreter only: set "
+                           "TRITON_INTERPRET=1 before triton is imported (tests), or use fused='auto' / 'never'")
+    return True
+
+
+def _operand_dtype(features: torch.Tensor) -> torch.dtype:
+    """GEMM operand dtype of the fused path: the autocast dtype if autocast is on, else the features'
+    own dtype when it is 16-bit (a bf16 model without autocast), else fp32."""
+    device_type = features.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else features.dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 # --------------------------------------------------------------------------- the module
 class ShardedInstanceClassifier(nn.Module):
     """Cosine-softmax classifier over ``num_instances`` classes, rows sharded over ``group``.
@@ -354,6 +456,12 @@ class ShardedInstanceClassifier(nn.Module):
             any initialised group as world size 1).
         chunk_size: None keeps this rank's ``[B_global, N/P]`` logits for backward; an int C scores
             C classes at a time and recomputes them in backward (peak extra memory O(B_global C)).
+            Unfused path only.
+        fused: "auto" runs the Triton kernels of ``ifc_ds.fused_loss`` (no ``[N/P, B]`` logits in
+            memory: tiles of (rows x batch) on chip, recomputed in backward) on CUDA when triton is
+            installed, and the block loops on CPU; "always" forces the kernels (on CPU only under
+            ``TRITON_INTERPRET=1``: tests), "never" the block loops. Fused GEMM operands are the
+            autocast dtype (else the features' dtype when 16-bit, else fp32) with fp32 accumulation.
 
     Attributes:
         row_start, row_end: this rank's global rows ``[row_start, row_end)``.
@@ -363,7 +471,7 @@ class ShardedInstanceClassifier(nn.Module):
     """
 
     def __init__(self, num_instances: int, dim: int, temperature: float = 0.15, group=None,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, fused: str = "auto"):
         super().__init__()
         world_size, rank = _world(group)
         if num_instances < world_size:
@@ -373,6 +481,12 @@ class ShardedInstanceClassifier(nn.Module):
             raise ValueError(f"dim and temperature must be positive, got dim={dim}, temperature={temperature}")
         if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+        if fused not in FUSED_MODES:
+            raise ValueError(f"fused must be one of {', '.join(FUSED_MODES)}, got {fused!r}")
+        if fused == "always" and not _triton_available():
+            raise RuntimeError("ShardedInstanceClassifier(fused='always') needs triton, which is not installed: "
+                               "install it (it ships with CUDA builds of torch) or use fused='auto' / 'never'")
+        self.fused = fused
         self.num_instances, self.dim, self.temperature = num_instances, dim, float(temperature)
         self.group, self.world_size, self.rank = group, world_size, rank
         self.chunk_size = chunk_size
@@ -392,7 +506,7 @@ class ShardedInstanceClassifier(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_instances={self.num_instances}, dim={self.dim}, temperature={self.temperature}, "
                 f"rows=[{self.row_start}, {self.row_end}), world_size={self.world_size}, "
-                f"chunk_size={self.chunk_size}")
+                f"chunk_size={self.chunk_size}, fused={self.fused}")
 
     def forward(self, features: torch.Tensor, instance_ids: torch.Tensor, smoothing_k: int = 0,
                 smoothing_eps: float = 0.0) -> torch.Tensor:
@@ -410,6 +524,8 @@ class ShardedInstanceClassifier(nn.Module):
         layout = _exchange_layout(features.shape[0], features.shape[1], bad, self.dim, self.group,
                                   self.world_size, self.rank, features.device)
 
+        fused = _use_fused(self.fused, features.device, self.dim)
+        operand_dtype = _operand_dtype(features) if fused else torch.float32
         with torch.autocast(device_type=features.device.type, enabled=False):
             unit = F.normalize(features.float(), dim=1)
             features_all = _GatherFeatures.apply(unit, layout, self.group, self.world_size)
@@ -421,8 +537,9 @@ class ShardedInstanceClassifier(nn.Module):
                 smoothing_eps=smoothing_eps if smoothing else 0.0,
                 search_k=smoothing or (1 if self.track_accuracy else 0),
                 block=_block_size(layout.total, self.chunk_size, features.device),
-                keep_logits=self.chunk_size is None and needs_backward and not _kept_in_use(self._workspace),
-                group=self.group, world_size=self.world_size)
+                keep_logits=(self.chunk_size is None and needs_backward and not fused
+                             and not _kept_in_use(self._workspace)),
+                group=self.group, world_size=self.world_size, fused=fused, operand_dtype=operand_dtype)
             loss, accuracy = _ShardedSoftmaxCrossEntropy.apply(features_all, self.weight, ids_all, spec,
                                                                self._workspace)
         self.last_accuracy = accuracy if spec.search_k else None

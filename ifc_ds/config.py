@@ -71,6 +71,9 @@ class AugmentConfig:
 class ClassifierConfig:
     temperature: float = 0.1
     chunk_size: int | None = None  # memory-lean mode: score C classes at a time
+    # Triton kernels that never write the [N/P, B] logits: auto (on CUDA when triton is installed),
+    # always, never (the block loops; CPU runs use them under auto)
+    fused: str = "auto"
 
 
 @dataclass
@@ -166,7 +169,7 @@ class Config:
 
 
 _CHOICES = {"train.optimizer": ("sgd", "lars", "adamw"), "hooks.raw_init.mode": ("full", "lazy"),
-            "data.in_memory": ("auto", "always", "never")}
+            "data.in_memory": ("auto", "always", "never"), "classifier.fused": ("auto", "always", "never")}
 
 
 def _coerce(value, hint, key: str):

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
+import multiprocessing
 import os
+import signal
 import subprocess
+import sys
+import threading
+import time
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+EXIT_PEER_LOST = 69  # another rank died or a collective timed out (EX_UNAVAILABLE)
 
 
 def map_slurm_env(environ=os.environ) -> bool:
@@ -219,6 +227,79 @@ class RankAloneMPU:
 
     def get_model_parallel_world_size(self) -> int:
         return self._world
+
+
+# --------------------------------------------------------------------------- shared-memory all-reduce
+def stop_children() -> None:
+    """Kill this process's DataLoader workers before an ``os._exit`` (which skips the atexit handler
+    that would): a worker stuck in a read or a decoder would outlive the rank, holding its output
+    pipes, so srun or the launcher would wait on it."""
+    if threading.current_thread() is threading.main_thread():  # (only the main thread may set handlers)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise "worker killed" mid-exit
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=5)
+
+
+class Watchdog:
+    """A deadline for a collective that has none of its own, in the manner of NCCL's watchdog thread:
+    a daemon thread that ends the process with ``exit_code`` (after logging ``message``) if a guarded
+    call outlives ``timeout_s``. It can, because the guarded call releases the GIL."""
+
+    def __init__(self, timeout_s: float, message: str, exit_code: int):
+        self.timeout_s, self.message, self.exit_code = timeout_s, message, exit_code
+        self._deadline: float | None = None
+        self._what = ""
+        threading.Thread(target=self._watch, name="ifc_ds-watchdog", daemon=True).start()
+
+    @contextlib.contextmanager
+    def guard(self, what: str):
+        self._what, self._deadline = what, time.monotonic() + self.timeout_s
+        try:
+            yield
+        finally:
+            self._deadline = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout_s / 4))
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                log.error("%s did not finish within dist.timeout_s=%s: %s", self._what, self.timeout_s, self.message)
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                stop_children()
+                os._exit(self.exit_code)
+
+
+def shared_memory_all_reduce_applies(tensor: torch.Tensor) -> bool:
+    """Whether DeepSpeed's shared-memory all-reduce (its CPU ``inference_all_reduce``: 16 ms against
+    gloo's 42 ms for ResNet-18's 47 MB of fp32 gradients on 2 ranks here, where gloo goes through
+    loopback TCP) can sum ``tensor`` over the world. Only where DeepSpeed set it up and its kernel
+    reduces for real (otherwise it returns the input unreduced, silently): every rank of the world on
+    this node (DeepSpeed's launcher sets LOCAL_SIZE, and the kernel reads exactly that), a CPU tensor,
+    fp32 with AVX2 or bf16/fp16 with AVX-512."""
+    if not _distributed() or tensor.device.type != "cpu":
+        return False
+    if os.environ.get("LOCAL_SIZE", "") != str(dist.get_world_size()):
+        return False
+    try:
+        from deepspeed.comm import comm as ds_comm
+    except ImportError:
+        return False
+    backend = getattr(ds_comm, "cdb", None)
+    if getattr(backend, "shm_comm_op", None) is None or not hasattr(torch.ops.deepspeed, "inference_all_reduce_"):
+        return False
+    needed = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 2}.get(tensor.dtype)
+    return needed is not None and getattr(backend, "shm_vector_kernel_level", 0) >= needed
+
+
+def shared_memory_all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
+    """In place, the sum over the world (check ``shared_memory_all_reduce_applies`` first). Every rank
+    adds the buffers in rank order, so all get bitwise the same result (for 2 ranks, gloo's). Its C++
+    spins on shared flags with no timeout, releasing the GIL: call it under a ``Watchdog``."""
+    return torch.ops.deepspeed.inference_all_reduce_(tensor)
 
 
 def gather_uneven(tensor: torch.Tensor, group=None) -> torch.Tensor:

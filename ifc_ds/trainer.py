@@ -20,7 +20,17 @@ from ifc_ds.config import Config, save_config
 from ifc_ds.crops import batch_crops
 from ifc_ds.data import InstanceBatchSampler, MapEpochs, default_num_workers, load_dataset, make_loader, ordered_batches
 from ifc_ds.decoded import decide, decode_into_memory
-from ifc_ds.dist import all_reduce_sum, device, init_distributed, is_main, local_world_size, lockstep, rank, world_size
+from ifc_ds.dist import (  # EXIT_PEER_LOST (69) lives there: engine.py's watchdog exits with it too
+    EXIT_PEER_LOST,  # noqa: F401 (re-exported with the other exit codes)
+    all_reduce_sum,
+    device,
+    init_distributed,
+    is_main,
+    local_world_size,
+    lockstep,
+    rank,
+    world_size,
+)
 from ifc_ds.engine import (
     accumulation_steps,
     build_engines,
@@ -41,7 +51,6 @@ log = logging.getLogger("ifc_ds")
 EXIT_OK = 0
 EXIT_PREEMPTED = 75  # checkpointed on SIGTERM/SIGUSR1: requeue and resume (EX_TEMPFAIL)
 EXIT_NONFINITE = 65  # too many consecutive non-finite losses; the last good checkpoint is intact
-EXIT_PEER_LOST = 69  # another rank died or a collective timed out (EX_UNAVAILABLE)
 EXIT_FAILED = 1  # this rank failed (its traceback is logged)
 EXIT_USAGE = 2  # bad config, dataset spec or checkpoint: one line says what
 
@@ -169,7 +178,8 @@ def run(cfg: Config) -> int:
 
     encoder = InstanceEncoder(cfg.model, cfg.data.image_size)
     classifier = ShardedInstanceClassifier(n, cfg.model.dim, cfg.classifier.temperature,
-                                           chunk_size=cfg.classifier.chunk_size).to(dev)
+                                           chunk_size=cfg.classifier.chunk_size,
+                                           fused=cfg.classifier.fused).to(dev)
     micro_batches = accumulation_steps(cfg)  # per optimizer step: one step = one sampler batch
     global_batch = cfg.train.batch_size * world * micro_batches
     # the CPU half of a view (decode + crop to uint8); the device half comes after the engines

@@ -30,7 +30,7 @@ def start_ranks(world: int, overrides: list[str], log_dir: Path) -> list[subproc
     log_dir.mkdir(parents=True, exist_ok=True)
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   LOCAL_WORLD_SIZE=str(world), LOCAL_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         log = open(log_dir / f"rank{rank}.log", "w")
         procs.append(subprocess.Popen([sys.executable, str(REPO / "train.py"), *TINY, *overrides], cwd=REPO, env=env,

@@ -137,3 +137,71 @@ def _start_rows():
 @pytest.mark.parametrize("stage", [0, 2])
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path, stage):
     run_ranks(_accumulate, 2, str(tmp_path), stage)
+
+
+SHARED_MEMORY_SCRIPT = """
+import os, sys, time, torch, torch.distributed as dist
+import deepspeed
+from ifc_ds.dist import EXIT_PEER_LOST, Watchdog, shared_memory_all_reduce_, shared_memory_all_reduce_applies
+deepspeed.init_distributed(dist_backend="gloo")
+rank, world, mode = dist.get_rank(), dist.get_world_size(), sys.argv[1]
+x = torch.randn(3_000_001, generator=torch.Generator().manual_seed(rank))  # several of the kernel's chunks
+assert shared_memory_all_reduce_applies(x) and not shared_memory_all_reduce_applies(x.double())
+watchdog = Watchdog(3.0, "peer lost", EXIT_PEER_LOST)
+if mode == "hang" and rank == 1:
+    time.sleep(60)  # a peer that never joins: rank 0 must not spin forever
+shm = x.clone()
+with watchdog.guard("the test all-reduce"):
+    shared_memory_all_reduce_(shm)
+every = [torch.empty_like(x) for _ in range(world)]
+dist.all_gather(every, x)
+exact = torch.stack(every).double().sum(0)
+mine = [torch.empty_like(x) for _ in range(world)]
+dist.all_gather(mine, shm)
+assert all(torch.equal(m, shm) for m in mine), "ranks disagree"
+assert torch.allclose(shm.double(), exact, rtol=0, atol=1e-5)
+gloo = x.clone()
+dist.all_reduce(gloo)
+assert world > 2 or torch.equal(gloo, shm), "2 ranks: not gloo's sum"
+print("OK", rank, flush=True)
+"""
+
+
+def _start_launcher_ranks(world: int, mode: str):
+    import subprocess
+    import sys
+
+    from tests._launch import REPO, free_port
+
+    port = free_port()
+    env = dict(OMP_NUM_THREADS="1", WORLD_SIZE=str(world), LOCAL_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
+    return [subprocess.Popen([sys.executable, "-c", SHARED_MEMORY_SCRIPT, mode], cwd=REPO, text=True,
+                             env=dict(__import__("os").environ, RANK=str(r), LOCAL_RANK=str(r), **env),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shared_memory_all_reduce_is_the_sum_on_every_rank(world):
+    """DeepSpeed's shared-memory all-reduce (the backbone's gradient all-reduce when every rank is on
+    one node): every rank gets the same sum, gloo's exactly for 2 ranks, float64's within rounding."""
+    procs = _start_launcher_ranks(world, "sum")
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    for rank, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0 and f"OK {rank}" in out, out[-3000:]
+
+
+def test_shared_memory_all_reduce_has_a_deadline():
+    """Its C++ spins without a timeout: the watchdog ends a rank whose peer never comes with exit 69."""
+    import time
+
+    from ifc_ds.dist import EXIT_PEER_LOST
+
+    procs = _start_launcher_ranks(2, "hang")
+    t0 = time.time()
+    out = procs[0].communicate(timeout=120)[0]
+    took = time.time() - t0
+    procs[1].kill()
+    assert procs[0].returncode == EXIT_PEER_LOST, out[-3000:]
+    assert "the test all-reduce did not finish within dist.timeout_s=3.0: peer lost" in out
+    assert took < 60, took
