@@ -18,7 +18,7 @@ import deepspeed
 from ifc_ds.checkpoint import CheckpointError
 from ifc_ds.config import ConfigError, load_config
 from ifc_ds.data import DatasetSpecError
-from ifc_ds.dist import stop_children
+from ifc_ds.dist import hard_exit
 from ifc_ds.trainer import EXIT_FAILED, EXIT_PEER_LOST, EXIT_USAGE, finish, is_peer_failure, run
 
 
@@ -41,9 +41,7 @@ def main(argv=None) -> int:
         return finish(run(cfg))
     except (ConfigError, DatasetSpecError, CheckpointError) as exc:  # bad input: one line says what
         logging.getLogger("ifc_ds").error("%s: %s", type(exc).__name__, exc)
-        logging.shutdown()
-        stop_children()
-        os._exit(EXIT_USAGE)
+        hard_exit(EXIT_USAGE)
     except Exception as exc:
         log = logging.getLogger("ifc_ds")
         rank = os.environ.get("RANK", "0")
@@ -56,11 +54,7 @@ def main(argv=None) -> int:
             code = EXIT_PEER_LOST
         else:
             code = EXIT_FAILED
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        stop_children()
-        os._exit(code)  # tearing down a process group whose peers are gone or waiting can itself hang
+        hard_exit(code)
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def main():
     from ifc_ds.config import load_config
     from ifc_ds.data import InstanceBatchSampler, MapEpochs, load_dataset
     from ifc_ds.dist import init_distributed
-    from ifc_ds.engine import build_engines, optimizer_step, train_step
+    from ifc_ds.engine import backbone_only_step, build_engines, optimizer_step, train_step
     from ifc_ds.model import InstanceEncoder, data_config
 
     init_distributed(600)
@@ -150,13 +150,7 @@ def main():
             optimizer_step(engines)
 
         def backbone_only():
-            if engines.flat_grads is not None:
-                engines.flat_grads.attach()
-            features = engines.backbone(fixed)
-            engines.backbone.backward(features.float().square().mean())
-            if engines.flat_grads is not None:
-                engines.flat_grads.all_reduce()
-            engines.backbone.step()
+            backbone_only_step(engines, fixed)
 
         rows, memory = {}, {}
         for name, step in (("step on tensors in memory", step_in_memory), ("backbone only", backbone_only)):

@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,8 @@ sys.path.insert(0, str(REPO))
 
 from ifc_ds.classifier import ShardedInstanceClassifier  # noqa: E402
 from ifc_ds.config import load_config  # noqa: E402
-from ifc_ds.engine import build_engines, optimizer_step, train_step  # noqa: E402
+from ifc_ds.dist import free_port  # noqa: E402
+from ifc_ds.engine import backbone_only_step, build_engines, optimizer_step, train_step  # noqa: E402
 from ifc_ds.model import InstanceEncoder  # noqa: E402
 
 
@@ -73,13 +73,7 @@ def _worker(rank, world, port, args, out):
         optimizer_step(engines)
 
     def backbone_only():
-        if engines.flat_grads is not None:
-            engines.flat_grads.attach()
-        features = engines.backbone(images)
-        engines.backbone.backward(features.float().square().mean())
-        if engines.flat_grads is not None:
-            engines.flat_grads.all_reduce()
-        engines.backbone.step()
+        backbone_only_step(engines, images)
 
     steps = [("encoder alone", encoder_alone), ("backbone engine only", backbone_only),
              ("with classifier", with_classifier)]
@@ -161,12 +155,6 @@ def _profile(rank, step, out):
         torch.save(sorted(rows, key=lambda r: -r[1]), out)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def end_to_end(args) -> float:
     """Steady-state images/s per rank of ``train.py`` on CIFAR-10 (2 ranks), from metrics.jsonl."""
     with tempfile.TemporaryDirectory() as out:
@@ -201,7 +189,7 @@ def main():
     e2e = end_to_end(args) if args.end_to_end and not args.profile else None
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.pt")
-        mp.spawn(_worker, args=(args.ranks, _free_port(), args, out), nprocs=args.ranks)
+        mp.spawn(_worker, args=(args.ranks, free_port(), args, out), nprocs=args.ranks)
         results = torch.load(out)
     if args.profile:
         total = sum(ms for _, ms, _ in results)

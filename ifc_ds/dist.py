@@ -73,12 +73,13 @@ def init_distributed(timeout_s: float) -> None:
         return
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port()))})
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
     set_cpu_threads()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on this host (for a rendezvous on 127.0.0.1)."""
     import socket
 
     with socket.socket() as s:
@@ -241,6 +242,16 @@ def stop_children() -> None:
         child.join(timeout=5)
 
 
+def hard_exit(code: int) -> None:
+    """Flush the logs, kill this rank's workers, and leave with ``code`` at once: tearing down a
+    process group whose peers are gone or waiting can itself hang, so no clean shutdown."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    stop_children()
+    os._exit(code)
+
+
 class Watchdog:
     """A deadline for a collective that has none of its own, in the manner of NCCL's watchdog thread:
     a daemon thread that ends the process with ``exit_code`` (after logging ``message``) if a guarded
@@ -266,11 +277,7 @@ class Watchdog:
             deadline = self._deadline
             if deadline is not None and time.monotonic() > deadline:
                 log.error("%s did not finish within dist.timeout_s=%s: %s", self._what, self.timeout_s, self.message)
-                logging.shutdown()
-                sys.stdout.flush()
-                sys.stderr.flush()
-                stop_children()
-                os._exit(self.exit_code)
+                hard_exit(self.exit_code)
 
 
 def shared_memory_all_reduce_applies(tensor: torch.Tensor) -> bool:

@@ -332,6 +332,18 @@ def optimizer_step(engines: Engines) -> None:
     engines.backbone.step()
 
 
+def backbone_only_step(engines: Engines, images: torch.Tensor) -> None:
+    """One optimizer step of the backbone alone on a trivial loss of its features (benchmarks: the
+    classifier's share of a step), with the same gradient protocol as ``train_step`` + ``optimizer_step``."""
+    if engines.flat_grads is not None:
+        engines.flat_grads.attach()
+    features = engines.backbone(images)
+    engines.backbone.backward(features.float().square().mean())
+    if engines.flat_grads is not None:
+        engines.flat_grads.all_reduce()
+    engines.backbone.step()
+
+
 def current_lr(engines: Engines) -> float:
     return engines.backbone.get_lr()[0]
 

@@ -122,6 +122,18 @@ def _feature_tile(f_ptr, cols, col_mask, offs_d, d_mask, stride_f):
     return tl.load(f_ptr + offs, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
 
 
+@triton.jit
+def _program_batch_tile(f_ptr, B, D, stride_f, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The batch tile of a (batch tile ``program_id(0)`` x row split) program: its columns, their
+    mask, the feature-dim offsets and mask, and the ``[BLOCK_B, BLOCK_D]`` features, resident for the
+    whole split."""
+    cols = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    col_mask = cols < B
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    return cols, col_mask, offs_d, d_mask, _feature_tile(f_ptr, cols, col_mask, offs_d, d_mask, stride_f)
+
+
 # --------------------------------------------------------------------------- forward scan
 @triton.jit
 def _scan_kernel(w_ptr, scale_ptr, f_ptr, own_ptr, sum_ptr, max_ptr, top_val_ptr, top_idx_ptr,
@@ -136,13 +148,8 @@ def _scan_kernel(w_ptr, scale_ptr, f_ptr, own_ptr, sum_ptr, max_ptr, top_val_ptr
       max_ptr   SHIFT only: the split's max of logits2 (online log-sum-exp, as flash attention)
       top_*     K: the K largest logits2 of the split other than the column's own row, and their rows
     """
-    pid_b = tl.program_id(0)
     split = tl.program_id(1)
-    cols = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    col_mask = cols < B
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-    f = _feature_tile(f_ptr, cols, col_mask, offs_d, d_mask, stride_f)  # resident for the whole split
+    cols, col_mask, offs_d, d_mask, f = _program_batch_tile(f_ptr, B, D, stride_f, BLOCK_B, BLOCK_D)
     row_lo = split * rows_per_split
     row_hi = tl.minimum(row_lo + rows_per_split, n_rows)
     tile_rows = tl.arange(0, BLOCK_N)
@@ -307,13 +314,8 @@ def _grad_features_kernel(w_ptr, scale_ptr, f_ptr, shift_ptr, row_scale_ptr, gf_
                           PRECISION: tl.constexpr):
     """Batch tile ``program_id(0)`` x row split ``program_id(1)``: the split's partial
     ``sum_c p[c, b] w2_c`` into ``gf_ptr[split]`` (``[splits, B, D]``, summed in torch)."""
-    pid_b = tl.program_id(0)
     split = tl.program_id(1)
-    cols = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    col_mask = cols < B
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-    f = _feature_tile(f_ptr, cols, col_mask, offs_d, d_mask, stride_f)
+    cols, col_mask, offs_d, d_mask, f = _program_batch_tile(f_ptr, B, D, stride_f, BLOCK_B, BLOCK_D)
     row_scale = tl.load(row_scale_ptr + cols, mask=col_mask, other=0.0)
     if SHIFT:
         shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from ifc_ds.dist import free_port  # noqa: F401 (tests import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -16,12 +17,6 @@ TINY = ["model.name=test_resnet", "model.head_hidden=32", "model.dim=16", "data.
         "hooks.smoothing.k=2", "hooks.smoothing.start_epoch=0.5", "hooks.smoothing.ramp_epochs=0",
         "hooks.raw_init.batch_size=16", "eval.train=null", "log.progress=false", "dist.timeout_s=120",
         "checkpoint.every_epochs=1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_ranks(world: int, overrides: list[str], log_dir: Path) -> list[subprocess.Popen]:

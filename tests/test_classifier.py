@@ -40,24 +40,33 @@ CASES = [(k, eps, chunk, temp) for k in (0, 1, 5) for chunk in (None, 4) for (ep
 CASES += [(5, 0.2, None, 0.02), (5, 0.2, 3, 0.02), (0, 0.0, 2, 0.1)]  # small T: shifted path
 
 
+def run_my_slice(clf, weight, feats, ids, sizes, rank, k, eps):
+    """Loads the reference ``weight [N, D]``'s rows into ``clf``, then forward + backward on this rank's
+    slice of the global batch (``sizes`` per rank). Returns (loss, this rank's features with their
+    grad, the slice of the global batch they are)."""
+    with torch.no_grad():
+        clf.weight.copy_(weight[clf.row_start:clf.row_end])
+    lo = sum(sizes[:rank])
+    my_rows = slice(lo, lo + sizes[rank])
+    mine = feats[my_rows].clone().requires_grad_()
+    loss = clf(mine, ids[my_rows], smoothing_k=k, smoothing_eps=eps)
+    loss.backward()
+    return loss, mine, my_rows
+
+
 def _check_exact(rank, world_size):
     for case_no, (k, eps, chunk, temp) in enumerate(CASES):
         sizes, feats, ids, weight = make_case(world_size, seed=case_no)
         clf = ShardedInstanceClassifier(N, D, temperature=temp, chunk_size=chunk)
         assert (clf.row_start, clf.row_end) == shard_range(N, world_size, rank)
-        with torch.no_grad():
-            clf.weight.copy_(weight[clf.row_start:clf.row_end])
-        lo = sum(sizes[:rank])
-        mine = feats[lo:lo + sizes[rank]].clone().requires_grad_()
-        loss = clf(mine, ids[lo:lo + sizes[rank]], smoothing_k=k, smoothing_eps=eps)
-        loss.backward()
+        loss, mine, my_rows = run_my_slice(clf, weight, feats, ids, sizes, rank, k, eps)
 
         ref_feats, ref_w = feats.clone().requires_grad_(), weight.clone().requires_grad_()
         ref = reference_loss(ref_feats, ref_w, ids, temp, k, eps)
         ref.backward()
         msg = f"case {case_no} (k={k}, eps={eps}, chunk={chunk}, T={temp}) rank {rank}/{world_size}"
         assert_close_rel(loss.detach(), ref.detach(), msg)
-        assert_close_rel(mine.grad, world_size * ref_feats.grad[lo:lo + sizes[rank]], msg)
+        assert_close_rel(mine.grad, world_size * ref_feats.grad[my_rows], msg)
         assert_close_rel(clf.weight.grad, ref_w.grad[clf.row_start:clf.row_end], msg)
 
 

@@ -21,7 +21,7 @@ from ifc_ds import classifier as classifier_module
 from ifc_ds.classifier import ShardedInstanceClassifier
 from ifc_ds.config import ConfigError, load_config
 from tests._dist import run_ranks
-from tests.test_classifier import assert_close_rel, reference_loss
+from tests.test_classifier import assert_close_rel, reference_loss, run_my_slice
 
 # 37 rows: 19 + 18 over 2 ranks, and with the interpreter's 16-row tiles and 2 row splits, one split
 # of a shard holds 3 rows (fewer than K = 5). A global batch of 21 spans two 16-wide batch tiles.
@@ -63,12 +63,7 @@ def _run_layer(rank, world_size, case_no, k, eps, temp, dtype):
     sizes, feats, ids, weight = _case(world_size, case_no, dtype)
     clf = ShardedInstanceClassifier(N, D, temperature=temp, fused="always")
     clf.track_accuracy = True  # K = 0 still searches the best other id for the accuracy
-    with torch.no_grad():
-        clf.weight.copy_(weight[clf.row_start:clf.row_end])
-    lo = sum(sizes[:rank])
-    mine = feats[lo:lo + sizes[rank]].clone().requires_grad_()
-    loss = clf(mine, ids[lo:lo + sizes[rank]], smoothing_k=k, smoothing_eps=eps)
-    loss.backward()
+    loss, mine, my_rows = run_my_slice(clf, weight, feats, ids, sizes, rank, k, eps)
     assert "logits" not in clf._workspace and "block" not in clf._workspace  # no [n, B] buffer
 
     # the reference: fp32 math on the same (possibly fp16-rounded) features
@@ -77,7 +72,7 @@ def _run_layer(rank, world_size, case_no, k, eps, temp, dtype):
     ref.backward()
     rows = slice(clf.row_start, clf.row_end)
     return ((loss.detach(), mine.grad.float(), clf.weight.grad, clf.last_accuracy),
-            (ref.detach(), world_size * ref_feats.grad[lo:lo + sizes[rank]], ref_w.grad[rows],
+            (ref.detach(), world_size * ref_feats.grad[my_rows], ref_w.grad[rows],
              _reference_accuracy(feats.float(), weight, ids)))
 
 
