@@ -20,7 +20,6 @@ All rows run in the same invocation, one after the other, with nothing else on t
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -30,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -40,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from ifc_ds.classifier import ShardedInstanceClassifier  # noqa: E402
 from ifc_ds.config import load_config  # noqa: E402
-from ifc_ds.dist import free_port  # noqa: E402
+from ifc_ds.dist import free_port, init_distributed  # noqa: E402
 from ifc_ds.engine import backbone_only_step, build_engines, optimizer_step, train_step  # noqa: E402
 from ifc_ds.model import InstanceEncoder  # noqa: E402
 
@@ -50,7 +48,7 @@ def _worker(rank, world, port, args, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(minutes=10))
+    init_distributed(600)
     cfg = load_config(None, [f"model.name={args.model}", f"train.batch_size={args.batch}"])
     gen = torch.Generator().manual_seed(rank)
     images = torch.randn(args.batch, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)

@@ -65,17 +65,85 @@ def _first_host(nodelist: str) -> str:
 def init_distributed(timeout_s: float) -> None:
     """Initialises torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU) with a collective
     timeout, so a dead peer ends the run with an error instead of hanging it. A single process with
-    no launcher variables runs as world size 1 without a process group."""
-    import deepspeed
+    no launcher variables runs as world size 1 without a process group.
 
+    On a CPU node whose ranks are all local (DeepSpeed's launcher sets LOCAL_SIZE), DeepSpeed also
+    sets up its shared-memory all-reduce: see ``_init_with_shared_memory``."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    global _shared_memory_ready
     map_slurm_env()
     if dist.is_initialized():
         return
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port()))})
-    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if get_accelerator().device_name() == "cpu" and os.environ.get("LOCAL_SIZE") == os.environ.get("WORLD_SIZE"):
+        _shared_memory_ready = _init_with_shared_memory(timeout)
+    else:
+        deepspeed.init_distributed(timeout=timeout)
     set_cpu_threads()
+
+
+# DeepSpeed's shm.cpp: each rank's all-reduce workspace, a POSIX shared-memory object of 2 x 1 MiB + 2 x 32 MiB
+# (plus two state words) named deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}
+DEEPSPEED_SHM_BYTES = 2 * (1 << 20) + 2 * (32 << 20) + 8
+_shared_memory_ready = False  # set by init_distributed once that all-reduce is set up on every rank
+
+
+def _deepspeed_shm_path(global_rank: int) -> str:
+    """Where Linux keeps DeepSpeed's shared-memory object for ``global_rank`` (shm_open's /dev/shm)."""
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{global_rank}")
+
+
+def shared_memory_free_bytes() -> int:
+    """Free bytes in /dev/shm (0 where there is none)."""
+    if not os.path.isdir("/dev/shm"):
+        return 0
+    stats = os.statvfs("/dev/shm")
+    return stats.f_bavail * stats.f_frsize
+
+
+def _init_with_shared_memory(timeout: datetime.timedelta) -> bool:
+    """DeepSpeed's CPU backend gives every local rank a 66 MiB shared-memory workspace and never
+    unlinks it: each run leaked 66 MiB per rank of /dev/shm, i.e. of RAM (a test suite left 21 GB and
+    the node thrashed), and a rank whose peer found a stale workspace of an earlier run on the same
+    port, or could not write its own for lack of room, hung in DeepSpeed's loops that have no timeout.
+    So the process group comes first (DeepSpeed adopts it); the ranks clear their stale names and
+    agree whether /dev/shm has room for all workspaces (else DeepSpeed is told LOCAL_SIZE=0 and
+    reduces through gloo); once every rank has mapped every workspace, each unlinks its own, so
+    the memory goes with the last process even on kill -9. Returns whether the all-reduce is set up."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    dist.init_process_group(get_accelerator().communication_backend_name(), timeout=timeout)
+    me, world = dist.get_rank(), dist.get_world_size()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_deepspeed_shm_path(me))  # a killed run's, on the same address and port
+    need = world * DEEPSPEED_SHM_BYTES
+    room = all_reduce_min(torch.tensor([shared_memory_free_bytes() > need * 1.05], dtype=torch.uint8)).item()
+    if not room:
+        if me == 0:
+            log.warning("/dev/shm has %.0f MiB free, DeepSpeed's shared-memory all-reduce needs %.0f MiB for %d "
+                        "ranks: gradients are reduced through %s", shared_memory_free_bytes() / 2**20,
+                        need / 2**20, world, dist.get_backend())
+        os.environ["LOCAL_SIZE"], local_size = "0", os.environ["LOCAL_SIZE"]  # (what shm_interface.cpp reads)
+        try:
+            deepspeed.init_distributed(timeout=timeout)
+        finally:
+            os.environ["LOCAL_SIZE"] = local_size
+        return False
+    deepspeed.init_distributed(timeout=timeout)
+    from deepspeed.comm import comm as ds_comm
+
+    ready = getattr(getattr(ds_comm, "cdb", None), "shm_comm_op", None) is not None  # (it may not have built)
+    barrier()  # every rank has opened every workspace
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_deepspeed_shm_path(me))
+    return ready
 
 
 def free_port() -> int:
@@ -283,23 +351,17 @@ class Watchdog:
 def shared_memory_all_reduce_applies(tensor: torch.Tensor) -> bool:
     """Whether DeepSpeed's shared-memory all-reduce (its CPU ``inference_all_reduce``: 16 ms against
     gloo's 42 ms for ResNet-18's 47 MB of fp32 gradients on 2 ranks here, where gloo goes through
-    loopback TCP) can sum ``tensor`` over the world. Only where DeepSpeed set it up and its kernel
-    reduces for real (otherwise it returns the input unreduced, silently): every rank of the world on
-    this node (DeepSpeed's launcher sets LOCAL_SIZE, and the kernel reads exactly that), a CPU tensor,
-    fp32 with AVX2 or bf16/fp16 with AVX-512."""
-    if not _distributed() or tensor.device.type != "cpu":
+    loopback TCP) can sum ``tensor`` over the world. Only where ``init_distributed`` set it up (every
+    rank of the world on this node) and its kernel reduces for real (otherwise it returns the input
+    unreduced, silently): a CPU tensor, fp32 with AVX2 or bf16/fp16 with AVX-512."""
+    if not (_shared_memory_ready and _distributed()) or tensor.device.type != "cpu":
         return False
-    if os.environ.get("LOCAL_SIZE", "") != str(dist.get_world_size()):
-        return False
-    try:
-        from deepspeed.comm import comm as ds_comm
-    except ImportError:
-        return False
-    backend = getattr(ds_comm, "cdb", None)
-    if getattr(backend, "shm_comm_op", None) is None or not hasattr(torch.ops.deepspeed, "inference_all_reduce_"):
+    from deepspeed.comm import comm as ds_comm
+
+    if not hasattr(torch.ops.deepspeed, "inference_all_reduce_"):
         return False
     needed = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 2}.get(tensor.dtype)
-    return needed is not None and getattr(backend, "shm_vector_kernel_level", 0) >= needed
+    return needed is not None and getattr(ds_comm.cdb, "shm_vector_kernel_level", 0) >= needed
 
 
 def shared_memory_all_reduce_(tensor: torch.Tensor) -> torch.Tensor:

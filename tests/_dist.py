@@ -6,11 +6,13 @@ import datetime
 import multiprocessing
 import os
 import tempfile
+import time
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 
 def _entry(rank: int, world_size: int, tmp: str, fn, args) -> None:
@@ -32,14 +34,27 @@ def _entry(rank: int, world_size: int, tmp: str, fn, args) -> None:
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size: int, *args) -> None:
+def run_ranks(fn, world_size: int, *args, timeout_s: float = 600) -> None:
     """Runs ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; any rank's exception
     (assertion included) fails the calling test with that rank's traceback. When one rank fails,
-    its peers fail too ("connection closed"); the root cause is reported first."""
+    its peers fail too ("connection closed"); the root cause is reported first. Ranks still running
+    after ``timeout_s`` (or when the test is interrupted) are killed and the test fails: a hung rank
+    must not hang the suite."""
     with tempfile.TemporaryDirectory() as tmp:
+        context = mp.start_processes(_entry, args=(world_size, tmp, fn, args), nprocs=world_size, join=False,
+                                     start_method="spawn")
+        deadline = time.monotonic() + timeout_s
         try:
-            mp.spawn(_entry, args=(world_size, tmp, fn, args), nprocs=world_size, join=True)
-        except Exception as exc:
+            while not context.join(timeout=1):
+                if time.monotonic() > deadline:
+                    alive = [r for r, p in enumerate(context.processes) if p.is_alive()]
+                    raise AssertionError(f"ranks {alive} still running after {timeout_s:.0f} s")
+        except ProcessException as exc:  # a rank raised, or exited with an error code
             errors = [open(os.path.join(tmp, f)).read() for f in sorted(os.listdir(tmp)) if f.startswith("error.")]
             errors.sort(key=lambda e: "Connection closed" in e or "Connection reset" in e)
             raise AssertionError("rank failure:\n" + ("\n".join(errors) or str(exc))) from None
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                process.join(timeout=10)

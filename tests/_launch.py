@@ -34,15 +34,13 @@ def start_ranks(world: int, overrides: list[str], log_dir: Path) -> list[subproc
 
 
 def wait_ranks(procs, timeout: float = 300) -> list[int]:
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=timeout))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    return codes
+    """The ranks' exit codes; on a timeout (or the test's own, or Ctrl-C) every rank is killed first."""
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    except BaseException:
+        for q in procs:
+            q.kill()
+        raise
 
 
 def run_ranks(world: int, overrides: list[str], log_dir: Path, timeout: float = 300) -> list[int]:

@@ -1,6 +1,8 @@
 """The two-engine wiring on 2 real gloo ranks: classifier shards are never averaged, the backbone is,
 and with the offload ds_config ZeRO keeps the classifier's optimizer state on the CPU."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -141,10 +143,13 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, stage):
 
 SHARED_MEMORY_SCRIPT = """
 import os, sys, time, torch, torch.distributed as dist
-import deepspeed
-from ifc_ds.dist import EXIT_PEER_LOST, Watchdog, shared_memory_all_reduce_, shared_memory_all_reduce_applies
-deepspeed.init_distributed(dist_backend="gloo")
+from ifc_ds.dist import (EXIT_PEER_LOST, Watchdog, _deepspeed_shm_path, init_distributed,
+                         shared_memory_all_reduce_, shared_memory_all_reduce_applies)
+init_distributed(60)
 rank, world, mode = dist.get_rank(), dist.get_world_size(), sys.argv[1]
+# every rank has mapped every workspace, and no name is left for a kill -9 to leak
+dist.barrier()
+assert not any(os.path.exists(_deepspeed_shm_path(r)) for r in range(world)), os.listdir("/dev/shm")
 x = torch.randn(3_000_001, generator=torch.Generator().manual_seed(rank))  # several of the kernel's chunks
 assert shared_memory_all_reduce_applies(x) and not shared_memory_all_reduce_applies(x.double())
 watchdog = Watchdog(3.0, "peer lost", EXIT_PEER_LOST)
@@ -176,32 +181,86 @@ def _start_launcher_ranks(world: int, mode: str):
     port = free_port()
     env = dict(OMP_NUM_THREADS="1", WORLD_SIZE=str(world), LOCAL_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(port))
-    return [subprocess.Popen([sys.executable, "-c", SHARED_MEMORY_SCRIPT, mode], cwd=REPO, text=True,
-                             env=dict(__import__("os").environ, RANK=str(r), LOCAL_RANK=str(r), **env),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
+    return port, [subprocess.Popen([sys.executable, "-c", SHARED_MEMORY_SCRIPT, mode], cwd=REPO, text=True,
+                                   env=dict(__import__("os").environ, RANK=str(r), LOCAL_RANK=str(r), **env),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
+
+
+def _leaked_workspaces(port: int) -> list[str]:
+    """DeepSpeed's shared-memory workspaces of the run on ``port`` still in /dev/shm (each 66 MiB of RAM)."""
+    import glob
+
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*")
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_shared_memory_all_reduce_is_the_sum_on_every_rank(world):
     """DeepSpeed's shared-memory all-reduce (the backbone's gradient all-reduce when every rank is on
-    one node): every rank gets the same sum, gloo's exactly for 2 ranks, float64's within rounding."""
-    procs = _start_launcher_ranks(world, "sum")
+    one node): every rank gets the same sum, gloo's exactly for 2 ranks, float64's within rounding;
+    and its workspaces leave /dev/shm with the run (DeepSpeed leaves them: 21 GB after a test suite)."""
+    port, procs = _start_launcher_ranks(world, "sum")
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     for rank, (p, out) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0 and f"OK {rank}" in out, out[-3000:]
+    assert not _leaked_workspaces(port)
 
 
 def test_shared_memory_all_reduce_has_a_deadline():
-    """Its C++ spins without a timeout: the watchdog ends a rank whose peer never comes with exit 69."""
+    """Its C++ spins without a timeout: the watchdog ends a rank whose peer never comes with exit 69.
+    The peer, killed with -9, leaves no workspace behind."""
     import time
 
     from ifc_ds.dist import EXIT_PEER_LOST
 
-    procs = _start_launcher_ranks(2, "hang")
+    port, procs = _start_launcher_ranks(2, "hang")
     t0 = time.time()
     out = procs[0].communicate(timeout=120)[0]
     took = time.time() - t0
     procs[1].kill()
+    procs[1].wait(timeout=30)
     assert procs[0].returncode == EXIT_PEER_LOST, out[-3000:]
     assert "the test all-reduce did not finish within dist.timeout_s=3.0: peer lost" in out
     assert took < 60, took
+    assert not _leaked_workspaces(port)
+
+
+def test_no_room_in_dev_shm_falls_back_to_the_process_group():
+    """Without room for every rank's workspace, DeepSpeed is told LOCAL_SIZE=0 (its C++ would write a
+    short workspace and fault, its peers spinning on it forever) and the gradients go through gloo."""
+    from ifc_ds.dist import free_port
+
+    run_ranks(_without_room, 2, free_port())
+
+
+def _without_room(rank, world_size, port):
+    import ifc_ds.dist as ifc_dist
+
+    # (run_ranks' process group is torch's own; this test needs init_distributed to make it)
+    dist.destroy_process_group()
+    os.environ.update(LOCAL_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ifc_dist.shared_memory_free_bytes = lambda: ifc_dist.DEEPSPEED_SHM_BYTES * world_size  # no 5% margin
+    ifc_dist.init_distributed(60)
+    assert os.environ["LOCAL_SIZE"] == str(world_size)  # restored for local_world_size()
+    assert not ifc_dist.shared_memory_all_reduce_applies(torch.ones(10))
+    assert not os.path.exists(ifc_dist._deepspeed_shm_path(rank))
+    x = torch.ones(10)
+    ifc_dist.all_reduce_sum(x)
+    assert torch.equal(x, torch.full((10,), 2.0))
+
+
+def _one_rank_hangs(rank, world_size):
+    import time
+
+    if rank == 1:
+        time.sleep(600)
+
+
+def test_a_hung_rank_fails_its_test_instead_of_hanging_the_suite():
+    """The multi-rank harness itself: a rank that never returns is killed at the deadline and the test
+    fails (before, a hung rank held the suite until CI's 90-minute limit)."""
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(AssertionError, match=r"ranks \[1\] still running after 30 s"):
+        run_ranks(_one_rank_hangs, 2, timeout_s=30)
+    assert time.monotonic() - t0 < 90
