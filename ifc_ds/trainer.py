@@ -333,5 +333,6 @@ def run(cfg: Config) -> int:
 
 def finish(exit_code: int) -> int:
     if dist.is_initialized():
+        dist.barrier()  # no rank tears down while a peer still uses the group (gloo then aborts the peer)
         dist.destroy_process_group()
     return exit_code
