@@ -19,7 +19,8 @@ from ifc_ds.checkpoint import CheckpointError
 from ifc_ds.config import ConfigError, load_config
 from ifc_ds.data import DatasetSpecError
 from ifc_ds.dist import hard_exit
-from ifc_ds.trainer import EXIT_FAILED, EXIT_PEER_LOST, EXIT_USAGE, finish, is_peer_failure, run
+from ifc_ds.lifecycle import EXIT_FAILED, EXIT_PEER_LOST, EXIT_USAGE, finish, is_peer_failure
+from ifc_ds.trainer import run
 
 
 def parse_args(argv=None):

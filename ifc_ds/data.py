@@ -237,6 +237,11 @@ class LoadedDataset:
             raise self.spec.error("has no label column (pass :label_column=...)")
         return np.asarray(self.table[self.label_column], dtype=np.int64)
 
+    def select(self, rows) -> LoadedDataset:
+        """The map-style dataset of these ``rows`` only (renumbered 0..len(rows)-1)."""
+        table = self.table.select(rows)
+        return replace(self, table=table, num_instances=len(table))
+
 
 def load_dataset(spec: str | DatasetSpec, limit: int | None = None, streaming: bool | None = None,
                  num_instances: int | None = None) -> LoadedDataset:

@@ -193,3 +193,12 @@ def _next_valid_rows(bad: np.ndarray, name: str) -> np.ndarray:
     rows = np.arange(n)
     nxt = np.searchsorted(good, rows)  # index of the first good row >= r
     return np.where(nxt < len(good), good[np.minimum(nxt, len(good) - 1)], good[0])
+
+
+def decode_as_configured(loaded, data_cfg, num_workers: int):
+    """Collective. A map-style dataset decoded into memory if ``data.in_memory`` / ``data.memory_gb``
+    say so (``DecodedImages``), else None (streams are never decoded into memory)."""
+    if loaded.table is None:
+        return None
+    size = decide(loaded, data_cfg.in_memory, data_cfg.memory_gb)
+    return decode_into_memory(loaded, size, num_workers, data_cfg.in_memory) if size else None

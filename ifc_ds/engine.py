@@ -157,6 +157,10 @@ class Engines:
     def dtype(self) -> torch.dtype:
         return next(self.backbone.module.parameters()).dtype
 
+    def set_total_steps(self, total: int) -> None:
+        """The LR schedule's length in optimizer steps (warm-up unchanged): a resume re-plans it."""
+        self.schedule["total"] = max(1, total)
+
     def set_schedule_step(self, step: int) -> None:
         """Puts both LR schedules at optimizer step ``step`` with base LRs from *this* run's config and
         global batch: ``LambdaLR.load_state_dict`` would restore the checkpoint's base LRs, so a new
@@ -177,7 +181,7 @@ def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_
                           "on ZeRO's flat partitions instead of layers")
     global_batch = ds_cfg["train_batch_size"]
     lr = cfg.train.lr * global_batch / 256  # linear scaling rule
-    # mutable: a resume on another global batch re-plans the remaining steps (see trainer.run)
+    # mutable (Engines.set_total_steps): a resume on another global batch re-plans the remaining steps
     plan = {"total": max(1, steps_per_epoch * cfg.train.epochs),
             "warmup": int(round(cfg.train.warmup_epochs * steps_per_epoch))}
 

@@ -31,3 +31,27 @@ def extract_features(forward, loaded: LoadedDataset, crop, views, batch_size: in
     if gather:  # on the device: NCCL gathers device tensors only
         feats, labels, ids = gather_uneven(feats), gather_uneven(labels), gather_uneven(ids)
     return feats, labels, ids
+
+
+def raw_init_feature_pass(encoder, loaded: LoadedDataset, crop, views, device: torch.device, num_workers: int,
+                          decoded=None):
+    """For raw-feature init (``hooks.RawFeatureInit``): ``run(batch_size)`` yields (features [b, D] of
+    the whole encoder as it is, ids [b]) over this rank's share, the same number of batches on every
+    rank (a streaming shard that ends early yields empty ones)."""
+    from ifc_ds.data import make_loader
+    from ifc_ds.dist import lockstep, rank, world_size
+    from ifc_ds.streaming import StreamShard
+
+    def run(batch_size: int):
+        if loaded.stream is not None:
+            shard = StreamShard(loaded.stream, crop, rank(), world_size(), shuffle=False)
+            batches = lockstep(iter(make_loader(shard, batch_size=batch_size)), device, until="all")
+        else:
+            batches = ordered_batches(loaded, crop, batch_size, num_workers, decoded=decoded)
+        for batch in batches:
+            if batch is None:
+                yield torch.zeros(0, encoder.head[-1].out_features, device=device), \
+                    torch.zeros(0, dtype=torch.int64, device=device)
+                continue
+            yield encoder(views.eval(batch_crops(batch, crop.size, device))).float(), batch["ids"].to(device)
+    return run

@@ -1,6 +1,6 @@
 """Training hooks: a small interface and the two the method needs.
 
-A hook sees a ``TrainState`` (engines, classifier, the batch, step/epoch) at these points::
+A hook sees a ``TrainState`` (engines, classifier, step/epoch) at these points::
 
     on_train_start   once, before the first step (after a resume: with the restored state)
     on_epoch_start   before each epoch
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ifc_ds.config import Config
+from ifc_ds.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +26,23 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainState:
     """What hooks may read and write. ``smoothing_k`` / ``smoothing_eps`` are the loss settings
-    the next forward uses."""
+    the next forward uses; ``step`` / ``epoch`` are the run's ``Progress``."""
 
     engines: object
     classifier: object  # ShardedInstanceClassifier (the engine's module)
     num_instances: int
     steps_per_epoch: int
-    epoch: int = 0
-    step: int = 0  # optimizer steps done
-    batch: dict | None = None
+    progress: Progress = field(default_factory=Progress)
     smoothing_k: int = 0
     smoothing_eps: float = 0.0
-    extras: dict = field(default_factory=dict)
+
+    @property
+    def step(self) -> int:  # optimizer steps done
+        return self.progress.step
+
+    @property
+    def epoch(self) -> int:
+        return self.progress.epoch
 
 
 class Hook:

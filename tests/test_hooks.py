@@ -2,16 +2,17 @@ import torch
 
 from ifc_ds.classifier import ShardedInstanceClassifier
 from ifc_ds.hooks import HardLabelSmoothing, RawFeatureInit, TrainState
+from ifc_ds.progress import Progress
 
 
 def test_smoothing_schedule_off_then_ramp():
     hook = HardLabelSmoothing(k=5, eps=0.2, start_epoch=2, ramp_epochs=2)
     assert hook.eps_at(0.0) == 0.0 and hook.eps_at(1.99) == 0.0
     assert abs(hook.eps_at(3.0) - 0.1) < 1e-9 and hook.eps_at(4.0) == 0.2 and hook.eps_at(9.0) == 0.2
-    state = TrainState(engines=None, classifier=None, num_instances=10, steps_per_epoch=10, step=29)
+    state = TrainState(engines=None, classifier=None, num_instances=10, steps_per_epoch=10, progress=Progress(step=29))
     hook.before_step(state)  # the next forward is step 31: epoch 3.0
     assert state.smoothing_k == 5 and abs(state.smoothing_eps - 0.1) < 1e-9
-    state.step = 0
+    state.progress.step = 0
     hook.on_train_start(state)
     assert (state.smoothing_k, state.smoothing_eps) == (0, 0.0)
 

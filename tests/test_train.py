@@ -15,7 +15,7 @@ import torch
 from ifc_ds.checkpoint import CheckpointError, check_compatible, find_checkpoint
 from ifc_ds.config import load_config
 from ifc_ds.engine import warmup_cosine
-from ifc_ds.trainer import EXIT_FAILED, EXIT_NONFINITE, EXIT_PEER_LOST, EXIT_PREEMPTED
+from ifc_ds.lifecycle import EXIT_FAILED, EXIT_NONFINITE, EXIT_PEER_LOST, EXIT_PREEMPTED
 from tests._launch import REPO, TINY, logs, run_ranks, start_ranks, wait_ranks
 
 
@@ -89,6 +89,7 @@ def test_two_rank_run_outputs_and_falling_loss(tmp_path):
     assert last < first - 0.05, (first, last)
     ev = json.loads((out / "eval.json").read_text())
     assert 0.0 <= ev["knn_top1"] <= 1.0 and len(ev["history"]) == 2  # after epoch 2, and at the end
+    assert 0.0 <= ev["knn_top1_untrained"] <= 1.0  # the baseline: the same network before its first step
     # one checkpoint per epoch end, the last one written once, after the final evaluation
     assert saves(tmp_path / "logs") == ["step_00000003", "step_00000006", "step_00000009", "step_00000012"]
     assert len(torch.load(out / "checkpoints" / "step_00000012" / "trainer" / "state.pt",

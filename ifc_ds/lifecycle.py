@@ -1,0 +1,67 @@
+"""How a run ends: exit codes, the stop signal of a scheduler, and telling a peer's failure from ours.
+
+    0   finished                       75  checkpointed on SIGTERM/SIGUSR1: requeue, resume=auto
+    1   this rank failed (traceback)   65  too many non-finite losses in a row (last checkpoint intact)
+    2   bad config/data/checkpoint     69  a peer rank died or a collective timed out
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+from ifc_ds.dist import EXIT_PEER_LOST, all_reduce_sum
+
+EXIT_OK = 0
+EXIT_PREEMPTED = 75  # checkpointed on SIGTERM/SIGUSR1: requeue and resume (EX_TEMPFAIL)
+EXIT_NONFINITE = 65  # too many consecutive non-finite losses; the last good checkpoint is intact
+EXIT_FAILED = 1  # this rank failed (its traceback is logged)
+EXIT_USAGE = 2  # bad config, dataset spec or checkpoint: one line says what
+__all__ = ["EXIT_OK", "EXIT_PREEMPTED", "EXIT_NONFINITE", "EXIT_FAILED", "EXIT_USAGE", "EXIT_PEER_LOST",
+           "StopSignal", "is_peer_failure", "finish"]
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """A collective failed because a peer is gone or did not answer in time, as opposed to a failure of
+    this rank's own (a bug, a CUDA OOM surfaced through NCCL, a crashed DataLoader worker).
+
+    torch.distributed raises typed errors for NCCL and the stores; gloo raises plain RuntimeErrors from
+    its transport layer ("Connection reset by peer", "Timed out waiting ... for recv"), recognised by
+    their source path."""
+    text = str(exc)
+    if "out of memory" in text.lower():
+        return False
+    typed = tuple(getattr(dist, name) for name in ("DistBackendError", "DistNetworkError", "DistStoreError")
+                  if hasattr(dist, name))
+    if isinstance(exc, typed):
+        return True
+    return isinstance(exc, RuntimeError) and "gloo/transport" in text
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (what SLURM sends before preemption or the time limit) set a flag that the
+    loop checks at the next step boundary; the flag is OR-reduced over ranks so all stop together."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.received = signum
+
+    def any_rank(self, dev) -> bool:
+        """Collective: whether any rank received a stop signal."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=dev)
+        return bool(all_reduce_sum(flag).item() > 0)
+
+
+def finish(exit_code: int) -> int:
+    """Tears the process group down (after a barrier: a rank that leaves while a peer still uses the
+    group makes gloo abort the peer) and returns ``exit_code``."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return exit_code
