@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from ifc_ds.augment import DeviceViews, eval_crop  # noqa: E402
 from ifc_ds.checkpoint import content_key, encoder_state_dict, find_checkpoint  # noqa: E402
-from ifc_ds.config import AugmentConfig, ConfigError, ModelConfig, _apply, config_from_dict, parse_overrides  # noqa: E402
+from ifc_ds.config import AugmentConfig, ConfigError, ModelConfig, apply_mapping, config_from_dict, parse_overrides  # noqa: E402
 from ifc_ds.crops import batch_crops  # noqa: E402
 from ifc_ds.data import (
     load_dataset,  # noqa: E402
@@ -93,12 +93,12 @@ def load_suite_config(path: str | None, overrides: list[str]) -> EvalSuiteConfig
 
     cfg = EvalSuiteConfig()
     if path:
-        _apply(cfg, yaml.safe_load(Path(path).read_text()) or {})
-    _apply(cfg, parse_overrides(overrides))
+        apply_mapping(cfg, yaml.safe_load(Path(path).read_text()) or {})
+    apply_mapping(cfg, parse_overrides(overrides))
     for name, entry in list(cfg.datasets.items()):
         if not isinstance(entry, dict):
             raise ConfigError(f"datasets.{name}: expected a mapping with train/test specs")
-        _apply(ds := DatasetEntry(), entry, f"datasets.{name}.")
+        apply_mapping(ds := DatasetEntry(), entry, f"datasets.{name}.")
         if not ds.train or not ds.test:
             raise ConfigError(f"datasets.{name}: needs both train and test specs")
         cfg.datasets[name] = ds

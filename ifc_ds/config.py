@@ -208,7 +208,10 @@ def _coerce(value, hint, key: str):
     raise ConfigError(f"{key}: unsupported field type {hint}")
 
 
-def _apply(obj, mapping: dict, prefix: str = "") -> None:
+def apply_mapping(obj, mapping: dict, prefix: str = "") -> None:
+    """Sets the fields of the dataclass ``obj`` (nested sections included) from ``mapping``, each value
+    checked against its field's type; an unknown key or a bad value is a one-line ``ConfigError``
+    (``prefix`` names where the mapping sits in the file)."""
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in mapping.items():
@@ -219,7 +222,7 @@ def _apply(obj, mapping: dict, prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{dotted}: expected a section (mapping), got {value!r}")
-            _apply(current, value, dotted + ".")
+            apply_mapping(current, value, dotted + ".")
             continue
         if isinstance(current, dict) and isinstance(value, dict):  # `a.b.c=1` updates a mapping in place
             value = _merged(current, value)
@@ -289,8 +292,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
-        _apply(cfg, data)
-    _apply(cfg, parse_overrides(overrides or []))
+        apply_mapping(cfg, data)
+    apply_mapping(cfg, parse_overrides(overrides or []))
     _validate(cfg)
     return cfg
 
@@ -306,5 +309,5 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def config_from_dict(data: dict) -> Config:
     cfg = Config()
-    _apply(cfg, data)
+    apply_mapping(cfg, data)
     return cfg

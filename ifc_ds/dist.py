@@ -372,11 +372,16 @@ def shared_memory_all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def gather_uneven(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """Concatenates ``[n_r, *S]`` tensors of every rank in rank order (n_r may differ per rank)."""
-    from ifc_ds.classifier import _all_gather_equal, _all_gather_rows, _world
-
-    world, _ = _world(group)
-    if world == 1:
+    """Concatenates ``[n_r, *S]`` tensors of every rank in rank order (n_r may differ per rank).
+    (The classifier keeps its own copy of this gather: it is self-contained, for its ``group``.)"""
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
         return tensor
-    sizes = _all_gather_equal(torch.tensor(tensor.shape[0], device=tensor.device), group, world).tolist()
-    return _all_gather_rows(tensor, sizes, group, world)
+    world = dist.get_world_size(group)
+    sizes = [torch.empty((), dtype=torch.int64, device=tensor.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(tensor.shape[0], device=tensor.device), group=group)
+    sizes = [int(n) for n in sizes]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))  # all_gather needs equal shapes
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
