@@ -42,6 +42,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ifc_ds.dist import all_gather_equal, all_gather_rows
+
 # exp(1/T) * N must stay below fp32's max (3.4e38): 1/T <= 40 leaves room for N up to ~1e20.
 _MAX_UNSHIFTED_INV_TEMPERATURE = 40.0
 # Logits are produced in base-2 units (z * log2 e) so the exponential is exp2, twice as fast as exp
@@ -69,26 +71,6 @@ def _all_reduce(tensor: torch.Tensor, op, group, world_size: int) -> torch.Tenso
     return tensor
 
 
-def _all_gather_equal(tensor: torch.Tensor, group, world_size: int) -> torch.Tensor:
-    """Gathers equally shaped tensors: ``[*S]`` -> ``[world_size, *S]``."""
-    if world_size == 1:
-        return tensor.unsqueeze(0)
-    parts = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
-    return torch.stack(parts)
-
-
-def _all_gather_rows(tensor: torch.Tensor, sizes: list[int], group, world_size: int) -> torch.Tensor:
-    """Concatenates ``[sizes[r], *S]`` tensors from every rank in rank order (uneven sizes)."""
-    if world_size == 1:
-        return tensor
-    longest = max(sizes)
-    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    gathered = _all_gather_equal(padded, group, world_size)
-    return torch.cat([gathered[r, : sizes[r]] for r in range(world_size)])
-
-
 @dataclass
 class _BatchLayout:
     """Who sent which rows of the gathered batch; exchanged once per step (the one host sync)."""
@@ -111,7 +93,7 @@ def _exchange_layout(batch: int, dim: int, bad_ids: torch.Tensor, expected_dim: 
     instead of one rank raising while the others wait in a collective."""
     info = torch.stack([torch.tensor(batch, device=device), torch.tensor(dim, device=device),
                         bad_ids.to(device=device, dtype=torch.int64)])
-    table = _all_gather_equal(info, group, world_size).tolist()
+    table = all_gather_equal(info, group, world_size).tolist()
     for r, (_, d, bad) in enumerate(table):
         if d != expected_dim:
             raise ValueError(f"features on rank {r} have dim {d}, the classifier expects {expected_dim}")
@@ -131,7 +113,7 @@ class _GatherFeatures(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features, layout: _BatchLayout, group, world_size: int):
         ctx.layout, ctx.group, ctx.world_size = layout, group, world_size
-        return _all_gather_rows(features, layout.sizes, group, world_size)
+        return all_gather_rows(features, layout.sizes, group, world_size)
 
     @staticmethod
     def backward(ctx, grad_all):
@@ -312,8 +294,8 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
             pad = k - best_vals.shape[0]  # a shard with fewer than k rows pads with -inf
             best_vals = F.pad(best_vals, (0, 0, 0, pad), value=-math.inf)
             best_idx = F.pad(best_idx, (0, 0, 0, pad), value=-1)
-            all_vals = _all_gather_equal(best_vals.T.contiguous(), spec.group, spec.world_size)  # [P, B, k]
-            all_idx = _all_gather_equal(best_idx.T.contiguous(), spec.group, spec.world_size)
+            all_vals = all_gather_equal(best_vals.T.contiguous(), spec.group, spec.world_size)  # [P, B, k]
+            all_idx = all_gather_equal(best_idx.T.contiguous(), spec.group, spec.world_size)
             all_vals = all_vals.permute(1, 0, 2).reshape(batch, -1)
             all_idx = all_idx.permute(1, 0, 2).reshape(batch, -1)
             neg_vals, pos = torch.topk(all_vals, k, dim=1)
@@ -529,7 +511,7 @@ class ShardedInstanceClassifier(nn.Module):
         with torch.autocast(device_type=features.device.type, enabled=False):
             unit = F.normalize(features.float(), dim=1)
             features_all = _GatherFeatures.apply(unit, layout, self.group, self.world_size)
-            ids_all = _all_gather_rows(instance_ids, layout.sizes, self.group, self.world_size)
+            ids_all = all_gather_rows(instance_ids, layout.sizes, self.group, self.world_size)
             smoothing = smoothing_k if smoothing_eps > 0 else 0
             needs_backward = torch.is_grad_enabled() and (unit.requires_grad or self.weight.requires_grad)
             spec = _LossSpec(
@@ -559,8 +541,8 @@ class ShardedInstanceClassifier(nn.Module):
         bad = ((instance_ids < 0) | (instance_ids >= self.num_instances)).any()
         layout = _exchange_layout(vectors.shape[0], vectors.shape[1], bad, self.dim, self.group,
                                   self.world_size, self.rank, device)
-        ids_all = _all_gather_rows(instance_ids, layout.sizes, self.group, self.world_size)
-        vecs_all = _all_gather_rows(F.normalize(vectors.to(device).float(), dim=1), layout.sizes,
+        ids_all = all_gather_rows(instance_ids, layout.sizes, self.group, self.world_size)
+        vecs_all = all_gather_rows(F.normalize(vectors.to(device).float(), dim=1), layout.sizes,
                                     self.group, self.world_size)
         mine = (ids_all >= self.row_start) & (ids_all < self.row_end)
         self.weight[ids_all[mine] - self.row_start] = vecs_all[mine].to(self.weight.dtype)
@@ -570,7 +552,7 @@ class ShardedInstanceClassifier(nn.Module):
     def full_weight(self) -> torch.Tensor:
         """Collective: the assembled ``[N, D]`` weight on every rank (tests, small N only)."""
         sizes = [shard_range(self.num_instances, self.world_size, r) for r in range(self.world_size)]
-        return _all_gather_rows(self.weight.detach(), [e - s for s, e in sizes], self.group, self.world_size)
+        return all_gather_rows(self.weight.detach(), [e - s for s, e in sizes], self.group, self.world_size)
 
 
 def _rows_from_seed(start: int, end: int, dim: int, seed: int = 0x1FC, block: int = 65536) -> torch.Tensor:

@@ -371,17 +371,29 @@ def shared_memory_all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
     return torch.ops.deepspeed.inference_all_reduce_(tensor)
 
 
+def all_gather_equal(tensor: torch.Tensor, group, world_size: int) -> torch.Tensor:
+    """Gathers equally shaped tensors: ``[*S]`` -> ``[world_size, *S]``."""
+    if world_size == 1:
+        return tensor.unsqueeze(0)
+    parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+def all_gather_rows(tensor: torch.Tensor, sizes: list[int], group, world_size: int) -> torch.Tensor:
+    """Concatenates ``[sizes[r], *S]`` tensors from every rank in rank order (uneven sizes, known)."""
+    if world_size == 1:
+        return tensor
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))  # all_gather needs equal shapes
+    padded[: tensor.shape[0]] = tensor
+    gathered = all_gather_equal(padded, group, world_size)
+    return torch.cat([gathered[r, : sizes[r]] for r in range(world_size)])
+
+
 def gather_uneven(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """Concatenates ``[n_r, *S]`` tensors of every rank in rank order (n_r may differ per rank).
-    (The classifier keeps its own copy of this gather: it is self-contained, for its ``group``.)"""
+    """Concatenates ``[n_r, *S]`` tensors of every rank in rank order (n_r may differ per rank)."""
     if not (dist.is_initialized() and dist.get_world_size(group) > 1):
         return tensor
     world = dist.get_world_size(group)
-    sizes = [torch.empty((), dtype=torch.int64, device=tensor.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor(tensor.shape[0], device=tensor.device), group=group)
-    sizes = [int(n) for n in sizes]
-    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))  # all_gather needs equal shapes
-    padded[: tensor.shape[0]] = tensor
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+    sizes = all_gather_equal(torch.tensor(tensor.shape[0], device=tensor.device), group, world).tolist()
+    return all_gather_rows(tensor, sizes, group, world)
