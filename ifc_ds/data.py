@@ -421,14 +421,18 @@ def default_num_workers(local_world_size: int) -> int:
 
 
 def make_loader(dataset, batch_sampler=None, batch_size: int | None = None, num_workers: int = 0,
-                pin_memory: bool = False, seed: int = 0, timeout: float = 0):
-    """A DataLoader of ``collate`` batches; ``timeout`` (seconds, with workers) turns a stuck worker
-    into an error instead of a hang."""
+                pin_memory: bool = False, seed: int = 0, timeout: float = 0, drop_last: bool = False):
+    """A DataLoader of ``collate`` batches, its workers started by ``ifc_ds.workers``; ``timeout``
+    (seconds, with workers) turns a stuck worker into an error instead of a hang."""
+    from ifc_ds.workers import worker_context
+
     gen = torch.Generator().manual_seed(seed)
-    batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
+    batching = ({"batch_sampler": batch_sampler} if batch_sampler is not None
+                else {"batch_size": batch_size, "drop_last": drop_last})
     return torch.utils.data.DataLoader(
         dataset, **batching, num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate, generator=gen,
-        prefetch_factor=4 if num_workers else None, timeout=timeout if num_workers else 0)
+        prefetch_factor=4 if num_workers else None, timeout=timeout if num_workers else 0,
+        multiprocessing_context=worker_context(num_workers))
 
 
 def ordered_batches(loaded: LoadedDataset, crop, batch_size: int, num_workers: int = 0, with_labels: bool = False,

@@ -152,9 +152,12 @@ def _decode_rows(loaded, images: np.ndarray, rows, num_workers: int) -> np.ndarr
     status = np.zeros(len(images), dtype=np.uint8)
     rows = list(rows)
     task = _DecodeInto(loaded.table, loaded.image_column, images)
-    if num_workers > 0 and torch.multiprocessing.get_start_method() == "fork":  # workers write into the mapping
+    if num_workers > 0:  # workers write into the mapping (they map the file themselves)
+        from ifc_ds.workers import worker_context
+
         loader = torch.utils.data.DataLoader(rows, batch_size=256, num_workers=num_workers,
-                                             collate_fn=task.decode_many)
+                                             collate_fn=task.decode_many,
+                                             multiprocessing_context=worker_context(num_workers))
         results = (item for part in loader for item in part)
     else:
         results = (task(row) for row in rows)
@@ -166,8 +169,19 @@ def _decode_rows(loaded, images: np.ndarray, rows, num_workers: int) -> np.ndarr
 
 
 class _DecodeInto:
-    def __init__(self, table, column, images):
+    """Decodes a row into its slot of ``images`` (an ``np.memmap``); pickled for a worker as the file's
+    path, so that the worker writes into the very mapping instead of into a copy."""
+
+    def __init__(self, table, column, images: np.memmap):
         self.table, self.column, self.images = table, column, images
+
+    def __getstate__(self):
+        images = self.images
+        return {"table": self.table, "column": self.column, "path": images.filename, "shape": images.shape}
+
+    def __setstate__(self, state):
+        self.table, self.column = state["table"], state["column"]
+        self.images = np.memmap(state["path"], dtype=np.uint8, mode="r+", shape=state["shape"])
 
     def __call__(self, row: int) -> tuple[int, int]:
         try:

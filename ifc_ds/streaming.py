@@ -244,12 +244,10 @@ class StreamEpochs:
 
     def __init__(self, loaded, prepare, global_batch: int, rank: int, world_size: int, seed: int,
                  num_workers: int, device, timeout: float = 0):
-        from ifc_ds.data import collate
-
         self.stream, self.prepare, self.global_batch = loaded.stream, prepare, global_batch
         self.timeout = timeout
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.num_workers, self.device, self.collate = num_workers, device, collate
+        self.num_workers, self.device = num_workers, device
         self.per_rank = global_batch // world_size
         self.seen = SeenIds(self.stream.num_instances)
         self.unreached = 0  # rows an epoch ended without (the last partial batches), all epochs
@@ -267,12 +265,11 @@ class StreamEpochs:
                            epoch, exclude=exclude)
 
     def batches(self, epoch: int, offset: int):
+        from ifc_ds.data import make_loader
         from ifc_ds.dist import lockstep
 
-        loader = torch.utils.data.DataLoader(self.shard(epoch), batch_size=self.per_rank, collate_fn=self.collate,
-                                             num_workers=self.num_workers, drop_last=True,
-                                             prefetch_factor=4 if self.num_workers else None,
-                                             timeout=self.timeout if self.num_workers else 0)
+        loader = make_loader(self.shard(epoch), batch_size=self.per_rank, num_workers=self.num_workers,
+                             timeout=self.timeout, drop_last=True)
         start = offset
         for batch in lockstep(iter(loader), self.device, until="any"):
             self.seen.add(batch["ids"])

@@ -186,6 +186,30 @@ def test_corrupted_images_are_replaced_and_counted(tmp_path):
     assert torch.equal(crop_resize(memory["images"], memory["boxes"], 8), batch["images"])
 
 
+def _parent_pid(cell, row) -> torch.Tensor:
+    """A "crop" that reports which process started the worker that made it."""
+    import os
+
+    return torch.tensor(os.getppid())
+
+
+def test_loader_workers_are_not_forked_from_the_rank(sources):
+    """A worker forked from a threaded rank can deadlock before its first line (CPython gh-112275; 3 of 63
+    runs of the streaming test here): every loader's workers start from a forkserver."""
+    import os
+
+    from ifc_ds.data import make_loader
+    from ifc_ds.streaming import StreamEpochs
+
+    table = load_dataset(sources["parquet"])
+    map_style = make_loader(InstanceDataset(table, _parent_pid), batch_size=4, num_workers=2)
+    stream = StreamEpochs(load_dataset(sources["parquet"] + ":streaming=true"), _parent_pid, 2, 0, 1, 0, 2,
+                          torch.device("cpu"))
+    parents = {int(p) for batch in map_style for p in batch["images"]}
+    parents |= {int(p) for _, _, batch in stream.batches(0, 0) for p in batch["images"]}
+    assert parents and os.getpid() not in parents
+
+
 @pytest.mark.parametrize("name,kwargs", [("resnet18", {}), ("resnet18", {"small_images": True}),
                                          ("convnext_atto", {}), ("vit_tiny_patch16_224", {})])
 def test_backbones_give_b_by_d(name, kwargs):
