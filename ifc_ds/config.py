@@ -14,12 +14,27 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A config key or value that cannot be used."""
+
+
+# the choices of the fields that have a few; apply_mapping checks them. OptimizerName: the keys of
+# ifc_ds.engine.make_optimizer's registry (a test holds them equal)
+OptimizerName = Literal["sgd", "lars", "adamw"]
+Auto = Literal["auto", "always", "never"]
+
+
+def _require(checks: list[tuple[bool, str]]) -> None:
+    """Raises ``ConfigError`` with the message of the first failed check: a section's ``__post_init__``
+    validates the section (at construction and once the config is loaded, ``validate``)."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 @dataclass
@@ -30,6 +45,9 @@ class ModelConfig:
     head_hidden: int = 512  # projection head: Linear-BN-ReLU-Linear
     dim: int = 128  # D, the instance-classifier feature size
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments
+
+    def __post_init__(self):
+        _require([(self.dim > 0, "model.dim must be > 0")])
 
 
 @dataclass
@@ -42,11 +60,15 @@ class DataConfig:
     num_instances: int | None = None  # optional check: N the dataset must have
     # decode a map-style dataset once into (node-shared) memory: auto (images of one size whose decoded
     # bytes fit memory_gb), always, never (decode every sample every epoch, in the workers)
-    in_memory: str = "auto"
+    in_memory: Auto = "auto"
     memory_gb: float = 16.0  # decoded bytes allowed per node for in_memory=auto
     # decode JPEGs on the accelerator (torchvision.io.decode_jpeg on CUDA: nvJPEG); the workers then
     # only read bytes. Other formats, and any image on CPU runs, are decoded by the workers
     decode_on_device: bool = False
+
+    def __post_init__(self):
+        _require([(self.limit is None or self.limit > 0, "data.limit must be > 0"),
+                  (self.memory_gb >= 0, "data.memory_gb must be >= 0")])
 
 
 @dataclass
@@ -66,6 +88,12 @@ class AugmentConfig:
     eval_crop_pct: float = 0.875  # eval transform: resize to size / crop_pct, centre-crop size (1.0: no crop)
     jpeg_draft: bool = True  # decode a JPEG larger than its crop needs at a reduced size (PIL draft)
 
+    def __post_init__(self):
+        _require([(0 < self.scale_min <= self.scale_max <= 1, "augment: need 0 < scale_min <= scale_max <= 1"),
+                  (0 < self.blur_sigma_min <= self.blur_sigma_max,
+                   "augment: need 0 < blur_sigma_min <= blur_sigma_max"),
+                  (0 <= self.hue <= 0.5, "augment.hue must be in [0, 0.5]")])
+
 
 @dataclass
 class ClassifierConfig:
@@ -73,7 +101,10 @@ class ClassifierConfig:
     chunk_size: int | None = None  # memory-lean mode: score C classes at a time
     # Triton kernels that never write the [N/P, B] logits: auto (on CUDA when triton is installed),
     # always, never (the block loops; CPU runs use them under auto)
-    fused: str = "auto"
+    fused: Auto = "auto"
+
+    def __post_init__(self):
+        _require([(self.temperature > 0, "classifier.temperature must be > 0")])
 
 
 @dataclass
@@ -81,7 +112,7 @@ class TrainConfig:
     epochs: int = 5
     batch_size: int = 128  # per rank (DeepSpeed's train_micro_batch_size_per_gpu)
     ds_config: str = "ds_configs/zero0_fp32.json"
-    optimizer: str = "sgd"  # sgd | lars | adamw
+    optimizer: OptimizerName = "sgd"
     lr: float = 0.05  # per 256 images of global batch; scaled linearly
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -97,11 +128,17 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (tests, smoke runs)
     nonfinite_patience: int = 5  # consecutive non-finite losses before the run stops
 
+    def __post_init__(self):
+        _require([(self.epochs > 0, "train.epochs must be > 0"),
+                  (self.batch_size >= 2, "train.batch_size must be >= 2 (batch norm needs 2 samples per rank)"),
+                  (self.lr > 0, "train.lr must be > 0"),
+                  (self.classifier_grad_clip >= 0, "train.classifier_grad_clip must be >= 0 (0 = off)")])
+
 
 @dataclass
 class RawInitConfig:
     enabled: bool = True
-    mode: str = "full"  # full: one pass over the data before step 1 | lazy: on first sight of a row
+    mode: Literal["full", "lazy"] = "full"  # full: one pass over the data before step 1 | lazy: on first sight
     batch_size: int = 256
 
 
@@ -112,6 +149,10 @@ class SmoothingConfig:
     eps: float = 0.1
     start_epoch: float = 1.0  # off before this epoch ...
     ramp_epochs: float = 1.0  # ... then eps grows linearly to its value over this many epochs
+
+    def __post_init__(self):
+        _require([(0 <= self.eps < 1, "hooks.smoothing.eps must be in [0, 1)"),
+                  (self.k >= 0, "hooks.smoothing.k must be >= 0")])
 
 
 @dataclass
@@ -132,6 +173,12 @@ class EvalConfig:
     temperature: float = 0.07
     batch_size: int = 256
 
+    def __post_init__(self):
+        _require([(0 <= self.holdout < 1, "eval.holdout must be in [0, 1)"),
+                  (not self.train or self.test or self.holdout > 0,
+                   "eval.holdout=0 with no eval.test leaves the kNN monitor without queries: set eval.test or "
+                   "eval.holdout > 0")])
+
 
 @dataclass
 class CheckpointConfig:
@@ -139,10 +186,16 @@ class CheckpointConfig:
     every_epochs: int = 1
     keep_last: int = 2
 
+    def __post_init__(self):
+        _require([(self.keep_last >= 1, "checkpoint.keep_last must be >= 1")])
+
 
 @dataclass
 class DistConfig:
     timeout_s: float = 300.0  # collective timeout: a dead peer ends the run instead of hanging it
+
+    def __post_init__(self):
+        _require([(self.timeout_s > 0, "dist.timeout_s must be > 0")])
 
 
 @dataclass
@@ -155,7 +208,7 @@ class LogConfig:
 class Config:
     output_dir: str = "out/run"
     seed: int = 0
-    resume: str = "auto"  # auto | none | <checkpoint path>
+    resume: str = "auto"  # auto | none | <checkpoint path> (a path: not a Literal)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -168,13 +221,14 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-_CHOICES = {"train.optimizer": ("sgd", "lars", "adamw"), "hooks.raw_init.mode": ("full", "lazy"),
-            "data.in_memory": ("auto", "always", "never"), "classifier.fused": ("auto", "always", "never")}
-
-
 def _coerce(value, hint, key: str):
     """Checks/converts one value against a dataclass field annotation (strings from the CLI are YAML)."""
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if value is None and type(None) in args:
@@ -226,10 +280,7 @@ def apply_mapping(obj, mapping: dict, prefix: str = "") -> None:
             continue
         if isinstance(current, dict) and isinstance(value, dict):  # `a.b.c=1` updates a mapping in place
             value = _merged(current, value)
-        value = _coerce(value, hints[key], dotted)
-        if dotted in _CHOICES and value not in _CHOICES[dotted]:
-            raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(_CHOICES[dotted])}")
-        setattr(obj, key, value)
+        setattr(obj, key, _coerce(value, hints[key], dotted))
 
 
 def _merged(base: dict, update: dict) -> dict:
@@ -254,32 +305,15 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _validate(cfg: Config) -> None:
-    checks = [
-        (cfg.train.epochs > 0, "train.epochs must be > 0"),
-        (cfg.train.batch_size >= 2, "train.batch_size must be >= 2 (batch norm needs 2 samples per rank)"),
-        (cfg.train.lr > 0, "train.lr must be > 0"),
-        (cfg.train.classifier_grad_clip >= 0, "train.classifier_grad_clip must be >= 0 (0 = off)"),
-        (cfg.classifier.temperature > 0, "classifier.temperature must be > 0"),
-        (cfg.model.dim > 0, "model.dim must be > 0"),
-        (0 <= cfg.hooks.smoothing.eps < 1, "hooks.smoothing.eps must be in [0, 1)"),
-        (cfg.hooks.smoothing.k >= 0, "hooks.smoothing.k must be >= 0"),
-        (0 < cfg.augment.scale_min <= cfg.augment.scale_max <= 1, "augment: need 0 < scale_min <= scale_max <= 1"),
-        (cfg.data.limit is None or cfg.data.limit > 0, "data.limit must be > 0"),
-        (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
-        (cfg.dist.timeout_s > 0, "dist.timeout_s must be > 0"),
-        (cfg.data.memory_gb >= 0, "data.memory_gb must be >= 0"),
-        (cfg.augment.blur_sigma_min > 0 and cfg.augment.blur_sigma_min <= cfg.augment.blur_sigma_max,
-         "augment: need 0 < blur_sigma_min <= blur_sigma_max"),
-        (0 <= cfg.augment.hue <= 0.5, "augment.hue must be in [0, 0.5]"),
-        (0 <= cfg.eval.holdout < 1, "eval.holdout must be in [0, 1)"),
-        (not cfg.eval.train or cfg.eval.test or cfg.eval.holdout > 0,
-         "eval.holdout=0 with no eval.test leaves the kNN monitor without queries: set eval.test or "
-         "eval.holdout > 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+def validate(section) -> None:
+    """Runs every section's own checks (``__post_init__``), nested sections first: once a config is
+    loaded, since fields set one by one from a file and overrides bypass the constructor."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value)
+    if hasattr(section, "__post_init__"):
+        section.__post_init__()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -294,7 +328,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: top level must be a mapping")
         apply_mapping(cfg, data)
     apply_mapping(cfg, parse_overrides(overrides or []))
-    _validate(cfg)
+    validate(cfg)
     return cfg
 
 

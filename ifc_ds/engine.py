@@ -130,18 +130,25 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:
-    """sgd (momentum), lars (timm's, SGD + trust ratio) or adamw; a registry, not an if-chain."""
+def _lars(groups, lr, momentum):
     from timm.optim import Lars
 
-    factories = {
-        "sgd": lambda: torch.optim.SGD(groups, lr=lr, momentum=momentum),
-        "lars": lambda: Lars(groups, lr=lr, momentum=momentum),
-        "adamw": lambda: torch.optim.AdamW(groups, lr=lr),
-    }
-    if name not in factories:
-        raise ConfigError(f"train.optimizer: unknown '{name}'; choose from {', '.join(factories)}")
-    return factories[name]()
+    return Lars(groups, lr=lr, momentum=momentum)
+
+
+# name -> (param groups, lr, momentum) -> optimizer; the names are config.OptimizerName's (a test
+# holds them equal). sgd: momentum SGD; lars: timm's (SGD + trust ratio); adamw: torch's
+OPTIMIZERS = {
+    "sgd": lambda groups, lr, momentum: torch.optim.SGD(groups, lr=lr, momentum=momentum),
+    "lars": _lars,
+    "adamw": lambda groups, lr, momentum: torch.optim.AdamW(groups, lr=lr),
+}
+
+
+def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer: unknown '{name}'; choose from {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name](groups, lr, momentum)
 
 
 @dataclass

@@ -31,6 +31,37 @@ def create_backbone(cfg: ModelConfig, image_size: int | None = None) -> nn.Modul
     return backbone
 
 
+EXPORT_STEM_KEY = "ifc_ds_small_images"  # config.json field of an export whose backbone has the small-image stem
+
+
+def exported_model_args(config: dict) -> dict:
+    """The timm arguments an export's config.json records (``model_args``), less ``num_classes``, which
+    the loader sets (0: pooled features)."""
+    return {k: v for k, v in config.get("model_args", {}).items() if k != "num_classes"}
+
+
+def load_exported(folder: str, **kwargs) -> nn.Module:
+    """A backbone exported by ``ifc-export`` (``config.json`` + ``model.safetensors``), pooled features.
+
+    Plain backbones load with timm alone: ``timm.create_model("local-dir:<folder>", pretrained=True,
+    num_classes=0)``. The small-image stem is not a timm ResNet option (timm has no 3x3 stride-1 stem
+    without max-pool), so timm cannot build it from ``model_args``; its config.json says so in
+    ``EXPORT_STEM_KEY`` and this loader rebuilds the stem before loading the weights, from the folder alone."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    if not config.get(EXPORT_STEM_KEY):
+        return timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0, **kwargs)
+    backbone = timm.create_model(config["architecture"], pretrained=False, num_classes=0,
+                                 **{**exported_model_args(config), **kwargs})
+    adapt_stem_to_small_images(backbone)
+    backbone.load_state_dict(load_file(Path(folder) / "model.safetensors"))
+    return backbone
+
+
 def _takes_img_size(name: str) -> bool:
     # ViT-family models fix their patch grid from img_size at construction
     return any(tag in name for tag in ("vit", "deit", "eva", "beit", "swin"))

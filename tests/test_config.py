@@ -36,9 +36,9 @@ def test_parse_overrides_nests():
 
 
 def test_dotted_override_updates_a_mapping_in_place():
-    from eval.suite import load_suite_config
+    from ifc_eval.suite import load_suite_config
 
-    cfg = load_suite_config("eval/configs/cifar10.yaml", ["datasets.cifar10.limit_train=10000"])
+    cfg = load_suite_config("ifc_eval/configs/cifar10.yaml", ["datasets.cifar10.limit_train=10000"])
     assert cfg.datasets["cifar10"].limit_train == 10000 and cfg.datasets["cifar10"].train.endswith("train.parquet")
     cfg = load_config(None, ["model.kwargs={drop_path_rate: 0.1}", "model.kwargs.drop_rate=0.2"])
     assert cfg.model.kwargs == {"drop_path_rate": 0.1, "drop_rate": 0.2}
@@ -47,3 +47,23 @@ def test_dotted_override_updates_a_mapping_in_place():
 def test_holdout_zero_is_fine_with_a_test_split_or_no_monitor():
     assert load_config(None, ["eval.holdout=0", "eval.test=sklearn:digits"]).eval.holdout == 0
     assert load_config(None, ["eval.holdout=0", "eval.train=null"]).eval.train is None
+
+
+def test_choices_are_literal_fields_and_sections_check_themselves():
+    import typing
+
+    from ifc_ds.config import ClassifierConfig, DataConfig, OptimizerName, TrainConfig
+    from ifc_ds.engine import OPTIMIZERS
+
+    assert set(typing.get_args(OptimizerName)) == set(OPTIMIZERS)  # the config offers what the factory builds
+    with pytest.raises(ConfigError, match="data.in_memory: 'sometimes' is not one of auto, always, never"):
+        load_config(None, ["data.in_memory=sometimes"])
+    with pytest.raises(ConfigError, match="hooks.raw_init.mode: 'eager' is not one of full, lazy"):
+        load_config(None, ["hooks.raw_init.mode=eager"])
+    # a section built in code is checked as one loaded from a file
+    with pytest.raises(ConfigError, match="train.batch_size must be >= 2"):
+        TrainConfig(batch_size=1)
+    with pytest.raises(ConfigError, match="classifier.temperature must be > 0"):
+        ClassifierConfig(temperature=0)
+    with pytest.raises(ConfigError, match="data.memory_gb must be >= 0"):
+        DataConfig(memory_gb=-1)

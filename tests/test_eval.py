@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from eval.linear import linear_probe
-from eval.semi import balanced_subset, evaluate, finetune
+from ifc_eval.linear import linear_probe
+from ifc_eval.semi import balanced_subset, evaluate, finetune
 from tests._dist import run_ranks as spawn_ranks
-from tests._launch import REPO, run_ranks
+from tests._launch import run_ranks
 
 
 def test_linear_probe_separable_features_reach_100():
@@ -32,7 +32,7 @@ def _probe_data():
 
 
 def _linear_probe_split(rank, world_size, expected):
-    import eval.linear as linear
+    import ifc_eval.linear as linear
 
     calls = []
     real = linear._fit
@@ -51,7 +51,7 @@ def test_linear_probe_splits_its_sweep_over_ranks():
 
 
 def test_finetune_on_an_empty_loader_is_a_clear_error(monkeypatch):
-    import eval.semi as semi
+    import ifc_eval.semi as semi
     from ifc_ds.config import load_config
     from ifc_ds.data import load_dataset
     from ifc_ds.model import InstanceEncoder
@@ -126,8 +126,8 @@ def test_suite_cli_and_export(trained, tmp_path):
                    "linear: {weight_decays: [0.0, 0.001], max_iter: 50}\n"
                    "semi: {fractions: [0.1], epochs: 1, batch_size: 16}\n")
     out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, "eval/suite.py", "--checkpoint", str(trained), "--config", str(cfg),
-                           f"output_dir={out}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([_script("ifc-eval"), "--checkpoint", str(trained), "--config", str(cfg),
+                           f"output_dir={out}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     row = results["digits"]
@@ -137,28 +137,53 @@ def test_suite_cli_and_export(trained, tmp_path):
     assert (out / "results.md").read_text().count("| digits |") == 3 and (out / "results.png").stat().st_size > 0
     assert list((out / "features").glob("*.pt"))  # cached for the next protocol / run
 
-    exported = tmp_path / "backbone.safetensors"
-    proc = subprocess.run([sys.executable, "eval/suite.py", "export", "--checkpoint", str(trained), "--out",
-                           str(exported)], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+def _script(name: str) -> str:
+    """An entry point installed beside this interpreter (pyproject's [project.scripts])."""
+    from pathlib import Path
+
+    return str(Path(sys.executable).parent / name)
+
+
+# a process that knows timm and nothing of ifc_ds: what a user of the exported folder has
+_TIMM_ALONE = """
+import sys, timm, torch
+assert not any(m.startswith("ifc") for m in sys.modules)
+model = timm.create_model("local-dir:" + sys.argv[1], pretrained=True, num_classes=0).eval()
+x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+torch.save({"features": model(x), "mean": model.pretrained_cfg["mean"], "std": model.pretrained_cfg["std"],
+            "input_size": model.pretrained_cfg["input_size"], "num_features": model.num_features}, sys.argv[2])
+"""
+
+
+def test_export_folder_loads_with_timm_alone(trained, tmp_path):
+    """``ifc-export`` writes timm's Hub layout: ``timm.create_model("local-dir:...")`` rebuilds the backbone
+    with the run's weights and preprocessing, in a process that never imports ifc_ds."""
+    from ifc_ds.model import data_config
+    from ifc_eval.export import load_run_encoder
+    from ifc_eval.suite import _from_export, load_suite_config
+
+    folder = tmp_path / "exported"
+    proc = subprocess.run([_script("ifc-export"), "--checkpoint", str(trained), "--out", str(folder)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import timm
-
-    from ifc_ds.config import load_config
-    from ifc_ds.model import InstanceEncoder
-
-    model = timm.create_model("test_resnet", pretrained=True, num_classes=0,
-                              pretrained_cfg_overlay=dict(file=str(exported)))
-    encoder = InstanceEncoder(load_config(trained / "config.yaml").model, 16)
-    states = torch.load(next((trained / "checkpoints").glob("step_*")) / "engine" / "backbone" /
-                        "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    encoder.load_state_dict(states)
-    model.eval(), encoder.eval()
-    x = torch.randn(2, 3, 16, 16)
-    torch.testing.assert_close(model(x), encoder.backbone_features(x))
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors"}
+    proc = subprocess.run([sys.executable, "-c", _TIMM_ALONE, str(folder), str(tmp_path / "timm.pt")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = torch.load(tmp_path / "timm.pt")
+    encoder = load_run_encoder(str(trained))[0].eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded["features"], encoder.backbone_features(x))
+    assert (tuple(loaded["mean"]), tuple(loaded["std"])) == data_config("test_resnet")
+    assert tuple(loaded["input_size"]) == (3, 16, 16) and loaded["num_features"] == encoder.backbone.num_features
+    # the suite evaluates the folder as it is
+    exported = _from_export(str(folder), load_suite_config(None, []))
+    torch.testing.assert_close(exported.encoder.backbone.eval()(x), encoder.backbone_features(x))
 
 
 def test_suite_defaults_to_the_runs_monitor_pair(trained, tmp_path):
-    from eval.suite import default_datasets, load_suite_config
+    from ifc_eval.suite import default_datasets, load_suite_config
 
     cfg = load_suite_config(None, [])
     with pytest.raises(Exception, match="no datasets configured"):
@@ -172,24 +197,34 @@ def test_suite_defaults_to_the_runs_monitor_pair(trained, tmp_path):
     assert (entry.train, entry.test, entry.limit_train) == ("sklearn:digits", "x/y", 7)
 
 
-@pytest.mark.parametrize("zero", [0, 2])
-def test_export_takes_the_fp32_master_weights_of_a_bf16_run(tmp_path, zero):
+@pytest.mark.parametrize("zero,small_images", [(0, True), (2, False)])
+def test_export_takes_the_fp32_master_weights_of_a_bf16_run(tmp_path, zero, small_images):
     """A bf16 run keeps bf16 working weights in the module and fp32 masters in the optimizer (ZeRO-0:
-    per parameter group; ZeRO-2: flat partitions): the export must carry the masters."""
+    per parameter group; ZeRO-2: flat partitions): the export must carry the masters. A small-image
+    stem comes back from the exported folder alone (``load_exported``)."""
     ds_config = tmp_path / "bf16.json"
     ds_config.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": zero}}))
     out = tmp_path / "run"
     assert run_ranks(1, [f"output_dir={out}", "train.batch_size=16", "train.max_steps=3",
-                         f"train.ds_config={ds_config}"], tmp_path / "logs") == [0]
-    exported = tmp_path / "backbone.safetensors"
-    proc = subprocess.run([sys.executable, "eval/suite.py", "export", "--checkpoint", str(out), "--out",
-                           str(exported)], cwd=REPO, capture_output=True, text=True, timeout=300)
+                         f"train.ds_config={ds_config}"] + (["model.name=resnet18", "model.small_images=true"]
+                                                           if small_images else []),
+                     tmp_path / "logs") == [0]
+    exported = tmp_path / ("backbone" if small_images else "backbone.safetensors")  # a folder, or weights alone
+    proc = subprocess.run([_script("ifc-export"), "--checkpoint", str(out), "--out", str(exported)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from safetensors.torch import load_file
 
     from ifc_ds.checkpoint import find_checkpoint
 
-    weights = load_file(exported)
+    weights = load_file(exported / "model.safetensors" if small_images else exported)
+    if small_images:
+        from ifc_ds.model import load_exported
+
+        backbone = load_exported(str(exported))
+        assert backbone.conv1.kernel_size == (3, 3) and backbone.conv1.stride == (1, 1)
+        assert isinstance(backbone.maxpool, torch.nn.Identity)
+        assert all(torch.equal(v, weights[k]) for k, v in backbone.state_dict().items())
     working = torch.load(find_checkpoint(str(out), "auto") / "engine" / "backbone" / "mp_rank_00_model_states.pt",
                          weights_only=False)["module"]
     params = [name for name in weights if "running" not in name and "num_batches" not in name]
@@ -207,8 +242,8 @@ def test_feature_cache_follows_the_checkpoints_content(trained, tmp_path):
     the previous features from the cache."""
     import shutil
 
-    from eval.suite import _cached_features, _from_checkpoint, load_suite_config
     from ifc_ds.checkpoint import find_checkpoint
+    from ifc_eval.suite import _cached_features, _from_checkpoint, load_suite_config
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(find_checkpoint(str(trained), "auto"), ckpt)

@@ -1,11 +1,11 @@
 """Transfer evaluation: kNN, linear probe and semi-supervised fine-tuning on any labelled datasets.
 
-    python eval/suite.py --checkpoint out/cifar10 --config eval/configs/cifar10.yaml [key=value ...]
-    deepspeed --num_gpus 2 eval/suite.py --checkpoint out/cifar10 --config ...   # features data-parallel
-    python eval/suite.py export --checkpoint out/cifar10 --out backbone.safetensors
+    ifc-eval --checkpoint out/cifar10 --config ifc_eval/configs/cifar10.yaml [key=value ...]
+    deepspeed --num_gpus 2 --module ifc_eval.suite --checkpoint out/cifar10 --config ...   # data-parallel
 
-``--checkpoint`` takes a run's output_dir (its newest checkpoint), a checkpoint folder, an exported
-``.safetensors`` file (with ``model.name=...``), or ``random`` (an untrained ``model``).
+``--checkpoint`` takes a run's output_dir (its newest checkpoint), a checkpoint folder, a folder
+written by ``ifc-export``, an exported ``.safetensors`` file (with ``model.name=...``), or ``random``
+(an untrained ``model``).
 Baselines (``baselines: [random, timm:<name>]``) are evaluated side by side. Writes ``results.json``,
 ``results.md`` and ``results.png`` in ``output_dir``.
 """
@@ -17,25 +17,24 @@ import hashlib
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/suite.py` from anywhere
+import torch
 
-import torch  # noqa: E402
-
-from ifc_ds.augment import DeviceViews, eval_crop  # noqa: E402
-from ifc_ds.checkpoint import content_key, encoder_state_dict, find_checkpoint  # noqa: E402
-from ifc_ds.config import AugmentConfig, ConfigError, ModelConfig, apply_mapping, config_from_dict, parse_overrides  # noqa: E402
-from ifc_ds.crops import batch_crops  # noqa: E402
+from ifc_ds.augment import DeviceViews, eval_crop
+from ifc_ds.checkpoint import content_key, find_checkpoint
+from ifc_ds.config import AugmentConfig, ConfigError, ModelConfig, apply_mapping, parse_overrides
+from ifc_ds.crops import batch_crops
 from ifc_ds.data import (
-    load_dataset,  # noqa: E402
-    ordered_batches,  # noqa: E402
+    load_dataset,
+    ordered_batches,
 )
-from ifc_ds.dist import device, init_distributed, is_main, rank, world_size  # noqa: E402
-from ifc_ds.features import extract_features  # noqa: E402
-from ifc_ds.knn import knn_predict, topk_accuracy  # noqa: E402
-from ifc_ds.model import InstanceEncoder, data_config  # noqa: E402
+from ifc_ds.dist import device, init_distributed, is_main, rank, world_size
+from ifc_ds.features import extract_features
+from ifc_ds.knn import knn_predict, topk_accuracy
+from ifc_ds.model import EXPORT_STEM_KEY, InstanceEncoder, data_config, exported_model_args
+from ifc_eval.export import load_run_encoder
 
 log = logging.getLogger("ifc_ds.eval")
 
@@ -146,23 +145,26 @@ class Candidate:
 
 
 def _from_checkpoint(path: str, cfg: EvalSuiteConfig) -> Candidate:
-    ckpt = find_checkpoint(path, "auto") if (Path(path) / "checkpoints").is_dir() else Path(path)
-    if ckpt is None or not (ckpt / "meta.json").is_file():
-        raise FileNotFoundError(f"--checkpoint {path}: no complete checkpoint found")
-    run_cfg = config_from_dict(json.loads((ckpt / "meta.json").read_text())["config"])
+    encoder, run_cfg, ckpt = load_run_encoder(path, cfg.image_size)
     size = cfg.image_size or run_cfg.data.image_size
-    encoder = InstanceEncoder(run_cfg.model, size)
-    encoder.load_state_dict(encoder_state_dict(ckpt, encoder))  # fp32 master weights
     return Candidate("checkpoint", encoder, run_cfg.model, f"{ckpt.resolve()}:{content_key(ckpt)}", size)
 
 
-def _from_safetensors(path: str, cfg: EvalSuiteConfig) -> Candidate:
+def _from_export(path: str, cfg: EvalSuiteConfig) -> Candidate:
+    """An ``ifc-export`` folder (architecture and stem from its config.json) or a bare .safetensors
+    file (architecture from ``model``)."""
     from safetensors.torch import load_file
 
-    size = cfg.image_size or 224
-    encoder = InstanceEncoder(cfg.model, size)
-    encoder.backbone.load_state_dict(load_file(path))
-    return Candidate("exported", encoder, cfg.model, f"{Path(path).resolve()}:{Path(path).stat().st_mtime_ns}", size)
+    if Path(path).is_dir():
+        exported = json.loads((Path(path) / "config.json").read_text())
+        model_cfg = replace(cfg.model, name=exported["architecture"], small_images=bool(exported.get(EXPORT_STEM_KEY)),
+                            kwargs=exported_model_args(exported))
+        size, weights = cfg.image_size or exported["pretrained_cfg"]["input_size"][-1], Path(path) / "model.safetensors"
+    else:
+        model_cfg, size, weights = cfg.model, cfg.image_size or 224, Path(path)
+    encoder = InstanceEncoder(model_cfg, size)
+    encoder.backbone.load_state_dict(load_file(weights))
+    return Candidate("exported", encoder, model_cfg, f"{weights.resolve()}:{weights.stat().st_mtime_ns}", size)
 
 
 def _baseline(spec: str, reference: Candidate, cfg: EvalSuiteConfig) -> Candidate:
@@ -225,14 +227,14 @@ def evaluate(cand: Candidate, entry: DatasetEntry, cfg: EvalSuiteConfig, dev) ->
     if "linear" in cfg.protocols or "semi" in cfg.protocols:
         all_bank, all_bank_y = gather_uneven(bank).cpu(), gather_uneven(bank_y).cpu()
     if "linear" in cfg.protocols:
-        from eval.linear import linear_probe
+        from ifc_eval.linear import linear_probe
 
         out.update(linear_probe(all_bank, all_bank_y, queries.cpu(), query_y.cpu(), num_classes,
                                 tuple(cfg.linear.weight_decays), cfg.linear.val_fraction, cfg.linear.max_iter,
                                 cfg.seed))
         _progress(cand, "linear", out["linear_top1"])
     if "semi" in cfg.protocols:
-        from eval.semi import evaluate, finetune
+        from ifc_eval.semi import evaluate, finetune
 
         mean, std = cand.mean_std()
         crop, views = cand.views()
@@ -289,25 +291,7 @@ def write_report(results: dict, output_dir: str) -> None:
     plt.close(fig)
 
 
-def export_backbone(checkpoint: str, out_path: str) -> None:
-    """The backbone as a timm-compatible safetensors file (no projection head)."""
-    from safetensors.torch import save_file
-
-    cand = _from_checkpoint(checkpoint, EvalSuiteConfig())
-    state = {k: v.contiguous() for k, v in cand.encoder.backbone.state_dict().items()}
-    save_file(state, out_path)
-
-
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "export":
-        parser = argparse.ArgumentParser(description="Export a checkpoint's backbone for timm.")
-        parser.add_argument("--checkpoint", required=True)
-        parser.add_argument("--out", required=True)
-        args = parser.parse_args(argv[1:])
-        export_backbone(args.checkpoint, args.out)
-        print(f"wrote {args.out}")
-        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--config", default=None)
@@ -326,8 +310,8 @@ def main(argv=None) -> int:
         main_cand = Candidate("random", InstanceEncoder(cfg.model, size), cfg.model, f"random:{cfg.seed}:{cfg.model}",
                               size)
     else:
-        loader = _from_safetensors if args.checkpoint.endswith(".safetensors") else _from_checkpoint
-        main_cand = loader(args.checkpoint, cfg)
+        exported = args.checkpoint.endswith(".safetensors") or (Path(args.checkpoint) / "config.json").is_file()
+        main_cand = (_from_export if exported else _from_checkpoint)(args.checkpoint, cfg)
     results: dict = {}
     for name, entry in cfg.datasets.items():
         results[name] = evaluate(main_cand, entry, cfg, dev)
