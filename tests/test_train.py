@@ -353,14 +353,17 @@ def test_replacing_a_checkpoint_is_atomic(tmp_path, point):
         assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004.1"]
 
 
+# A training script with a fault injected. A file, not `python -c`: DataLoader workers start from a
+# forkserver that imports the launching script (ifc_ds.workers), so the patch reaches the workers
+# too; the mode comes from the environment, which the forkserver inherits (its argv is its own).
 FAILURE_SCRIPT = """
-import sys, torch
+import os, sys, torch
 from ifc_ds import data, engine
-MODE = sys.argv[1]
+MODE = os.environ["IFC_DS_TEST_FAULT"]
 if MODE in ("worker", "hang"):
     real = data.InstanceDataset.__getitem__
     def crash(self, index):
-        import os, time
+        import time
         if torch.utils.data.get_worker_info() is not None:
             if MODE == "hang":
                 time.sleep(600)  # a worker stuck on a file system or a decoder
@@ -373,9 +376,11 @@ else:
     engine.train_step = step
     import ifc_ds.trainer
     ifc_ds.trainer.train_step = step
-sys.argv = ["train.py"] + sys.argv[2:]
-import train
-sys.exit(train.main())
+if __name__ == "__main__":
+    sys.path.insert(0, os.getcwd())  # train.py (the script's own folder is sys.path[0])
+    sys.argv = ["train.py"] + sys.argv[1:]
+    import train
+    sys.exit(train.main())
 """
 
 
@@ -383,8 +388,10 @@ sys.exit(train.main())
 def test_own_failures_keep_their_traceback_and_do_not_claim_a_lost_peer(tmp_path, failure):
     """A crashed DataLoader worker, a stuck one (the loader's timeout, dist.timeout_s, turns it into an
     error), and a RuntimeError of the step whose text says "timed out" are this rank's failures."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", FAILURE_SCRIPT, failure, *TINY, f"output_dir={tmp_path / 'run'}",
+    script = tmp_path / "failing_train.py"
+    script.write_text(FAILURE_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", IFC_DS_TEST_FAULT=failure)
+    proc = subprocess.run([sys.executable, str(script), *TINY, f"output_dir={tmp_path / 'run'}",
                            "train.batch_size=16", "data.num_workers=1", "data.in_memory=never",
                            "hooks.raw_init.enabled=false", "dist.timeout_s=10"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
