@@ -2,8 +2,9 @@
 
 Layout of ``<output_dir>/checkpoints/step_00001234/``::
 
-    engine/backbone/...        DeepSpeed save_checkpoint of the backbone engine (ZeRO partitions included)
-    classifier/rows_<start>_<end>.pt   each shard's rows + optimizer state, keyed by global row id
+    engine/backbone/...        the backbone engine's state  } written and read by ifc_ds.engine.state,
+    classifier/rows_<start>_<end>.pt   each shard's rows    } the one module that knows DeepSpeed's
+                                       + optimizer state,   } internals; rows keyed by global row id
     trainer/rank_<r>.pt        per-rank RNG states
     trainer/state.pt           step, sampler position, hook states, LR-schedule state, eval history
     meta.json                  format version, world size, N, D, model: written last
@@ -11,7 +12,8 @@ Layout of ``<output_dir>/checkpoints/step_00001234/``::
 A checkpoint is written into ``.tmp-step_...``, fsynced, renamed, and only then named in ``latest``
 (itself replaced atomically), so an interrupted write is never loaded and never harms the previous
 checkpoint. Loading re-shards classifier rows by global id and the backbone's ZeRO-1/2 partitions by
-parameter name (``zero_elastic``), so P ranks can resume P' ranks' work.
+parameter name (``ifc_ds.engine.zero_elastic``), so P ranks can resume P' ranks' work. This module
+owns the directory protocol, RNG states and compatibility checks; the engines save and load themselves.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import torch.distributed as dist
 
 from ifc_ds.config import Config, config_to_dict
 from ifc_ds.dist import is_main, rank, world_size
-from ifc_ds.zero_elastic import restore_zero_partitions
 
 log = logging.getLogger(__name__)
 
@@ -67,91 +68,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-# --------------------------------------------------------------------------- classifier optimizer state
-def _classifier_opt_views(engine):
-    """Named views ``[n, D]`` of the classifier engine's fp32 weight copy and optimizer state,
-    wherever ZeRO keeps them (the module's param for stage 0; the flat, possibly CPU-offloaded,
-    partition for stages 1/2; the engine's data-parallel world is 1, so the partition is the whole
-    parameter)."""
-    weight = engine.module.weight
-    shape, numel = weight.shape, weight.numel()
-    zero = getattr(engine.optimizer, "single_partition_of_fp32_groups", None)
-    if zero is not None:
-        master = zero[0]
-        inner = engine.optimizer.optimizer
-        state = inner.state.get(master, {})
-        views = {"master": master[:numel].view(shape)}
-    else:
-        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-        state = inner.state.get(weight, {})
-        views = {}
-    for key, value in state.items():
-        if torch.is_tensor(value) and value.numel() >= numel and value.dim() >= 1:
-            views[f"state.{key}"] = value.view(-1)[:numel].view(shape)
-        elif torch.is_tensor(value) or isinstance(value, (int, float)):
-            views[f"scalar.{key}"] = value
-    return views, inner, (master if zero is not None else weight)
-
-
-def save_classifier_rows(engine, folder: Path) -> None:
-    clf = engine.module
-    views, _, _ = _classifier_opt_views(engine)
-    payload = {"row_start": clf.row_start, "row_end": clf.row_end, "num_instances": clf.num_instances,
-               "dim": clf.dim, "weight": clf.weight.detach().cpu().clone(),
-               "tensors": {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in views.items()
-                           if k != "master"}}
-    torch.save(payload, folder / f"rows_{clf.row_start:012d}_{clf.row_end:012d}.pt")
-
-
-def load_classifier_rows(engine, folder: Path) -> None:
-    """Fills this rank's rows (and their optimizer state) from whichever saved shards overlap them."""
-    clf = engine.module
-    start, end = clf.row_start, clf.row_end
-    files = sorted(folder.glob("rows_*.pt"))
-    covered = 0
-    weight = torch.empty(end - start, clf.dim)
-    tensors: dict = {}
-    for path in files:
-        s, e = (int(x) for x in path.stem.split("_")[1:3])
-        if e <= start or s >= end:
-            continue
-        part = torch.load(path, map_location="cpu", weights_only=False)
-        if part["num_instances"] != clf.num_instances or part["dim"] != clf.dim:
-            raise CheckpointError(f"classifier shape mismatch: checkpoint N={part['num_instances']} D={part['dim']}, "
-                                  f"run N={clf.num_instances} D={clf.dim}")
-        lo, hi = max(s, start), min(e, end)
-        weight[lo - start:hi - start] = part["weight"][lo - s:hi - s]
-        for key, value in part["tensors"].items():
-            if key.startswith("state."):
-                tensors.setdefault(key, torch.zeros(end - start, clf.dim, dtype=value.dtype))
-                tensors[key][lo - start:hi - start] = value[lo - s:hi - s]
-            else:
-                tensors[key] = value
-        covered += hi - lo
-    if covered != end - start:
-        raise CheckpointError(f"classifier rows [{start}, {end}) only {covered} found in {folder}")
-    views, inner, key_param = _classifier_opt_views(engine)
-    with torch.no_grad():
-        clf.weight.copy_(weight.to(clf.weight.device, clf.weight.dtype))
-        if "master" in views:
-            views["master"].copy_(weight.to(views["master"].device))
-        if not any(k.startswith("state.") for k in views) and any(k.startswith("state.") for k in tensors):
-            # the optimizer has not stepped yet in this process: create its state in place
-            state = inner.state.setdefault(key_param, {})
-            for key, value in tensors.items():
-                name = key.split(".", 1)[1]
-                if key.startswith("state."):
-                    flat = torch.zeros_like(key_param)
-                    flat.view(-1)[:value.numel()].copy_(value.view(-1).to(flat.device))
-                    state[name] = flat
-                else:
-                    state[name] = value
-            return
-        for key, view in views.items():
-            if key.startswith("state.") and key in tensors:
-                view.copy_(tensors[key].to(view.device, view.dtype))
 
 
 # --------------------------------------------------------------------------- RNG
@@ -193,11 +109,9 @@ def save_checkpoint(output_dir: str, step: int, engines, trainer_state: dict, cf
     tmp = root / f".tmp-{name}"
     if is_main():
         shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "classifier").mkdir(parents=True)
         (tmp / "trainer").mkdir(parents=True)
     _barrier()
-    engines.backbone.save_checkpoint(str(tmp / "engine"), tag="backbone", save_latest=False)
-    save_classifier_rows(engines.classifier, tmp / "classifier")
+    engines.save_state(tmp)
     torch.save(rng_state(), tmp / "trainer" / f"rank_{rank()}.pt")
     if is_main():
         torch.save(trainer_state, tmp / "trainer" / "state.pt")
@@ -205,7 +119,7 @@ def save_checkpoint(output_dir: str, step: int, engines, trainer_state: dict, cf
     final = root / name
     if is_main():
         meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size(),
-                "num_instances": engines.classifier.module.num_instances, "dim": engines.classifier.module.dim,
+                "num_instances": engines.num_instances, "dim": engines.dim,
                 "config": config_to_dict(cfg)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         _fsync_tree(tmp)
@@ -326,18 +240,7 @@ def load_checkpoint(path: Path, engines, cfg: Config, num_instances: int) -> dic
         log.info("resuming %s with config changes: %s", path, "; ".join(changes))
     same_world = meta["world_size"] == world_size()
     state = torch.load(path / "trainer" / "state.pt", map_location="cpu", weights_only=False)
-    if same_world or engines.backbone.zero_optimization_stage() == 0:
-        engines.backbone.load_checkpoint(str(path / "engine"), tag="backbone", load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
-    else:
-        # DeepSpeed refuses ZeRO-1/2 optimizer partitions saved by another data-parallel size: load the
-        # module, then re-partition the fp32 weights and optimizer state by parameter name ourselves
-        engines.backbone.load_checkpoint(str(path / "engine"), tag="backbone", load_module_only=True)
-        saved_dp = restore_zero_partitions(engines.backbone, path / "engine" / "backbone")
-        if is_main():
-            log.info("elastic resume under ZeRO-%d: backbone optimizer state re-partitioned from %d to %d ranks",
-                     engines.backbone.zero_optimization_stage(), saved_dp, world_size())
-    load_classifier_rows(engines.classifier, path / "classifier")  # the LR schedules: the trainer sets them
+    engines.load_state(path, same_world)  # the LR schedules: the trainer sets them
     rng_file = path / "trainer" / f"rank_{rank()}.pt"
     if same_world and rng_file.is_file():
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
@@ -350,41 +253,13 @@ def load_checkpoint(path: Path, engines, cfg: Config, num_instances: int) -> dic
     return state
 
 
-# --------------------------------------------------------------------------- weights for evaluation and export
-def encoder_state_dict(path: Path, encoder: torch.nn.Module) -> dict:
-    """The encoder's state dict from checkpoint ``path`` with its fp32 *master* weights, not the 16-bit
-    working copy that a bf16/fp16 run keeps in the module (``encoder`` gives the parameter order).
-
-    ZeRO-1/2: DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` reassembles the fp32 partitions.
-    ZeRO-0 with bf16/fp16: DeepSpeed's optimizer saves its fp32 copies per parameter group, in the
-    order of ``engine.param_groups``, which that tool does not read. ZeRO-0 fp32: the module itself."""
-    from ifc_ds.engine import param_groups
-
-    engine_dir = Path(path) / "engine"
-    states = torch.load(engine_dir / "backbone" / "mp_rank_00_model_states.pt", map_location="cpu",
-                        weights_only=False)
-    module = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-    optimizer = states.get("optimizer") or {}
-    if list((engine_dir / "backbone").glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        fp32 = get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag="backbone")
-        module.update({k: v.float() if v.is_floating_point() else v for k, v in fp32.items()})
-    elif isinstance(optimizer, dict) and "fp32_groups" in optimizer:
-        names = {id(p): n for n, p in encoder.named_parameters()}
-        for group, masters in zip(param_groups(encoder, 0.0), optimizer["fp32_groups"]):
-            for param, master in zip(group["params"], masters):
-                if master.shape != module[names[id(param)]].shape:
-                    raise CheckpointError(f"{path}: fp32 master of {names[id(param)]} has shape {tuple(master.shape)}")
-                module[names[id(param)]] = master.float()
-    return module
-
-
+# --------------------------------------------------------------------------- identity for caches
 def content_key(path: Path) -> str:
     """Changes whenever the checkpoint at ``path`` is rewritten (a re-run into the same output_dir)."""
-    meta = Path(path) / "meta.json"
-    weights = Path(path) / "engine" / "backbone" / "mp_rank_00_model_states.pt"
-    stamps = [f"{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in (meta, weights) if p.exists()]
     import hashlib
+
+    meta = Path(path) / "meta.json"
+    files = [meta] + sorted(p for p in (Path(path) / "engine").rglob("*") if p.is_file())
+    stamps = [f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in files]
 
     return hashlib.sha1((meta.read_text() + "|".join(stamps)).encode()).hexdigest()[:16]

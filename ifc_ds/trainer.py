@@ -106,7 +106,7 @@ class Trainer:
                                  cfg.model.channels_last)
 
     def _init_hooks_and_monitor(self) -> None:
-        feature_pass = raw_init_feature_pass(self.engines.backbone.module, self.loaded,
+        feature_pass = raw_init_feature_pass(self.engines.encoder, self.loaded,
                                              eval_crop(self.cfg.augment, self.cfg.data.image_size), self.views,
                                              self.dev, self.num_workers, self.decoded)
         self.hooks = build_hooks(self.cfg, feature_pass)
@@ -269,7 +269,7 @@ class Trainer:
         if self.monitor is None or self.progress.step > 0 or self.progress.untrained_knn is not None:
             return
         with torch.random.fork_rng(devices=[]):  # DataLoader seeds draw from it: training stays as without
-            self.progress.untrained_knn = self.monitor(self.engines.backbone.module, self.dev)
+            self.progress.untrained_knn = self.monitor(self.engines.encoder, self.dev)
         log.info("kNN top-1 %.2f%% before training (the untrained network)", 100 * self.progress.untrained_knn)
 
     def evaluate(self) -> None:
@@ -277,7 +277,7 @@ class Trainer:
         if self.monitor is None:
             return
         p = self.progress
-        top1 = self.monitor(self.engines.backbone.module, self.dev)
+        top1 = self.monitor(self.engines.encoder, self.dev)
         p.evals.append({"step": p.step, "epoch": p.epoch, "knn_top1": top1})
         log.info("kNN top-1 %.2f%% at step %d (untrained: %.2f%%)", 100 * top1, p.step, 100 * (p.untrained_knn or 0))
         if is_main():

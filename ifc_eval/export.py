@@ -18,8 +18,9 @@ import json
 from pathlib import Path
 
 from ifc_ds.augment import eval_crop_pct
-from ifc_ds.checkpoint import encoder_state_dict, find_checkpoint
+from ifc_ds.checkpoint import find_checkpoint
 from ifc_ds.config import AugmentConfig, config_from_dict
+from ifc_ds.engine.state import fp32_encoder_state
 from ifc_ds.model import EXPORT_STEM_KEY, InstanceEncoder, data_config
 
 
@@ -32,7 +33,7 @@ def load_run_encoder(checkpoint: str, image_size: int | None = None):
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no complete checkpoint found")
     run_cfg = config_from_dict(json.loads((ckpt / "meta.json").read_text())["config"])
     encoder = InstanceEncoder(run_cfg.model, image_size or run_cfg.data.image_size)
-    encoder.load_state_dict(encoder_state_dict(ckpt, encoder))
+    encoder.load_state_dict(fp32_encoder_state(ckpt, encoder))
     return encoder, run_cfg, ckpt
 
 

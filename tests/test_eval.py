@@ -225,8 +225,9 @@ def test_export_takes_the_fp32_master_weights_of_a_bf16_run(tmp_path, zero, smal
         assert backbone.conv1.kernel_size == (3, 3) and backbone.conv1.stride == (1, 1)
         assert isinstance(backbone.maxpool, torch.nn.Identity)
         assert all(torch.equal(v, weights[k]) for k, v in backbone.state_dict().items())
-    working = torch.load(find_checkpoint(str(out), "auto") / "engine" / "backbone" / "mp_rank_00_model_states.pt",
-                         weights_only=False)["module"]
+    from ifc_ds.engine.state import saved_module_state
+
+    working = saved_module_state(find_checkpoint(str(out), "auto"))
     params = [name for name in weights if "running" not in name and "num_batches" not in name]
     assert params and all(working[f"backbone.{n}"].dtype == torch.bfloat16 for n in params)
     for name in params:
@@ -250,11 +251,12 @@ def test_feature_cache_follows_the_checkpoints_content(trained, tmp_path):
     cfg = load_suite_config(None, [f"output_dir={tmp_path / 'eval'}", "batch_size=64"])
     cpu = torch.device("cpu")
     first = _cached_features(_from_checkpoint(str(ckpt), cfg), "sklearn:digits:limit=64", None, cfg, cpu, "train")[0]
-    states_file = ckpt / "engine" / "backbone" / "mp_rank_00_model_states.pt"
-    states = torch.load(states_file, weights_only=False)
-    states["module"] = {k: v * 0.5 if v.is_floating_point() and "running" not in k else v
-                        for k, v in states["module"].items()}
-    torch.save(states, states_file)  # new weights, same path and meta.json
+    for states_file in (ckpt / "engine").rglob("*.pt"):  # new weights, same path and meta.json (a re-run)
+        states = torch.load(states_file, weights_only=False)
+        if "module" in states:
+            states["module"] = {k: v * 0.5 if v.is_floating_point() and "running" not in k else v
+                                for k, v in states["module"].items()}
+            torch.save(states, states_file)
     again = _cached_features(_from_checkpoint(str(ckpt), cfg), "sklearn:digits:limit=64", None, cfg, cpu, "train")[0]
     assert not torch.equal(first, again)
     cached = _cached_features(_from_checkpoint(str(ckpt), cfg), "sklearn:digits:limit=64", None, cfg, cpu, "train")[0]

@@ -30,7 +30,9 @@ def rows(ckpt: Path) -> dict:
 
 
 def backbone(ckpt: Path) -> dict:
-    return torch.load(ckpt / "engine" / "backbone" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    from ifc_ds.engine.state import saved_module_state
+
+    return saved_module_state(ckpt)
 
 
 def assert_same_state(a: Path, b: Path):
@@ -317,9 +319,9 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     assert [(r["lr"], r["classifier_lr"], r["smoothing_eps"]) for r in m] == \
         [(r["lr"], r["classifier_lr"], r["smoothing_eps"]) for r in ref]
     assert saves(tmp_path / "a") == ["step_00000003", "step_00000006"]
-    engine_state = torch.load(out / "checkpoints" / "step_00000006" / "engine" / "backbone" /
-                              "mp_rank_00_model_states.pt", weights_only=False)
-    assert engine_state["global_steps"] == 6 and engine_state["global_samples"] == 6 * 16
+    from ifc_ds.engine.state import saved_engine_counters
+
+    assert saved_engine_counters(out / "checkpoints" / "step_00000006") == (6, 6 * 16)
 
 
 CRASH_SCRIPT = """

@@ -13,8 +13,8 @@ from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimize
 from ifc_ds.classifier import ShardedInstanceClassifier
 from ifc_ds.config import load_config
 from ifc_ds.engine import build_engines, optimizer_step, train_step
+from ifc_ds.engine.zero_elastic import ZeroReshardError, read_zero_partitions, restore_zero_partitions
 from ifc_ds.model import InstanceEncoder
-from ifc_ds.zero_elastic import ZeroReshardError, read_zero_partitions, restore_zero_partitions
 from tests._dist import run_ranks
 
 N, GLOBAL_BATCH = 24, 12

@@ -164,6 +164,31 @@ class Engines:
     def dtype(self) -> torch.dtype:
         return next(self.backbone.module.parameters()).dtype
 
+    @property
+    def encoder(self) -> nn.Module:
+        """The backbone + head module the backbone engine trains."""
+        return self.backbone.module
+
+    @property
+    def num_instances(self) -> int:
+        return self.classifier.module.num_instances
+
+    @property
+    def dim(self) -> int:
+        return self.classifier.module.dim
+
+    def save_state(self, folder: Path) -> None:
+        """Collective: weights and optimizer states of both engines into the checkpoint ``folder``."""
+        from ifc_ds.engine.state import save_engines  # (state imports this package: no import cycle)
+
+        save_engines(self, folder)
+
+    def load_state(self, folder: Path, same_world: bool) -> None:
+        """Collective: both engines from the checkpoint ``folder``, re-sharded if ``not same_world``."""
+        from ifc_ds.engine.state import load_engines
+
+        load_engines(self, folder, same_world)
+
     def set_total_steps(self, total: int) -> None:
         """The LR schedule's length in optimizer steps (warm-up unchanged): a resume re-plans it."""
         self.schedule["total"] = max(1, total)
