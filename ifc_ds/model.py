@@ -63,16 +63,20 @@ def load_exported(folder: str, **kwargs) -> nn.Module:
 
 
 def _takes_img_size(name: str) -> bool:
-    # ViT-family models fix their patch grid from img_size at construction
-    return any(tag in name for tag in ("vit", "deit", "eva", "beit", "swin"))
+    """Models whose input size is fixed at construction (ViT-family patch grids, as timm's
+    pretrained_cfg says) are built for the run's image size."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    return bool(cfg is not None and cfg.fixed_input_size)
 
 
 def data_config(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of the model's pretrained_cfg, without building the model."""
-    cfg = timm.get_pretrained_cfg(name) if name in timm.list_models() else None
+    """(mean, std) as timm resolves them for the model name, pretrained tag included
+    (``resnet18d.ra4_e3600_r224_in1k``), without building the model; ImageNet's for an unknown name."""
+    cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None:
         return timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD
-    return tuple(cfg.mean), tuple(cfg.std)
+    resolved = timm.data.resolve_data_config({}, pretrained_cfg=cfg.to_dict())
+    return tuple(resolved["mean"]), tuple(resolved["std"])
 
 
 class ProjectionHead(nn.Sequential):

@@ -220,6 +220,18 @@ def test_backbones_give_b_by_d(name, kwargs):
         assert model.backbone.conv1.stride == (1, 1) and isinstance(model.backbone.maxpool, torch.nn.Identity)
 
 
+def test_mean_std_follow_the_pretrained_tag_and_vits_get_the_image_size():
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from ifc_ds.model import create_backbone, data_config
+
+    assert data_config("resnet18d") == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    assert data_config("resnet18d.ra4_e3600_r224_in1k") == ((0.5,) * 3, (0.5,) * 3)  # the tag's own
+    assert data_config("no_such_model") == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    vit = create_backbone(ModelConfig(name="test_vit"), 32)  # a fixed patch grid, built for 32 px
+    assert vit(torch.zeros(1, 3, 32, 32)).shape == (1, vit.num_features)
+
+
 def test_small_images_rejects_non_resnets():
     with pytest.raises(ValueError, match="ResNet"):
         InstanceEncoder(ModelConfig(name="vit_tiny_patch16_224", small_images=True), image_size=32)
