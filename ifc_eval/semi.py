@@ -24,7 +24,11 @@ log = logging.getLogger("ifc_ds.eval")
 
 def balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
     """Row indices: ``round(fraction * count_c)`` (at least 1) rows of every class c, chosen with
-    ``seed``; sorted. The same (labels, fraction, seed) always gives the same subset."""
+    ``seed``; sorted. The same (labels, fraction, seed) always gives the same subset.
+
+    Kept by hand rather than scikit-learn's stratified ``train_test_split``: that one rounds the
+    subset size over the whole set and then shares it out, so a class smaller than ``1 / fraction``
+    rows can get none, and per-class counts are not ``round(fraction * count_c)``."""
     rng = np.random.default_rng(seed)
     picked = []
     for c in np.unique(labels):
