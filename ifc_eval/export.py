@@ -57,7 +57,7 @@ def export_backbone(checkpoint: str, out: str) -> Path:
         model_config["model_args"] = dict(run_cfg.model.kwargs)
     save_for_hf(backbone, str(out_path), model_config=model_config, safe_serialization=True,
                 data_config={"input_size": (3, size, size), "mean": mean, "std": std,
-                                                        "crop_pct": eval_crop_pct(AugmentConfig(), size)})
+                             "crop_pct": eval_crop_pct(AugmentConfig(), size)})
     return out_path
 
 
