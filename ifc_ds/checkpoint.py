@@ -27,25 +27,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from ifc_ds.collectives import barrier
 from ifc_ds.config import Config, config_to_dict
 from ifc_ds.dist import is_main, rank, world_size
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: the backbone's optimizer groups are timm's (no-decay group first); a version-1 optimizer state
+# would not map onto them
+FORMAT_VERSION = 2
 # config keys that change what a checkpoint means: a resume with other values is refused
 STRUCTURAL_KEYS = ("model.name", "model.small_images", "model.head_hidden", "model.dim", "model.kwargs")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used for this run; the message names the mismatch."""
-
-
-def _barrier():
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _fsync_tree(path: Path) -> None:
@@ -110,12 +107,12 @@ def save_checkpoint(output_dir: str, step: int, engines, trainer_state: dict, cf
     if is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "trainer").mkdir(parents=True)
-    _barrier()
+    barrier()
     engines.save_state(tmp)
     torch.save(rng_state(), tmp / "trainer" / f"rank_{rank()}.pt")
     if is_main():
         torch.save(trainer_state, tmp / "trainer" / "state.pt")
-    _barrier()
+    barrier()
     final = root / name
     if is_main():
         meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size(),
@@ -125,7 +122,7 @@ def save_checkpoint(output_dir: str, step: int, engines, trainer_state: dict, cf
         _fsync_tree(tmp)
         final = publish(root, tmp, name, keep_last)
         log.info("checkpoint %s saved", final.name)
-    _barrier()
+    barrier()
     return final
 
 
@@ -217,10 +214,20 @@ def find_checkpoint(output_dir: str, resume: str) -> Path | None:
     return done[-1] if done else None
 
 
+def read_checkpoint(path: str) -> tuple[Path, dict]:
+    """(folder, meta.json) of a run's output_dir (its newest complete checkpoint) or of one checkpoint
+    folder; CheckpointError where there is none."""
+    folder = find_checkpoint(path, resume=path)
+    if folder is None:
+        raise CheckpointError(f"{path}: no complete checkpoint found")
+    return folder, json.loads((folder / "meta.json").read_text())
+
+
 def check_compatible(meta: dict, cfg: Config, num_instances: int) -> list[str]:
     """Raises CheckpointError on a structural mismatch; returns the compatible changes (for the log)."""
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint format {meta.get('format_version')} != supported {FORMAT_VERSION}")
+        raise CheckpointError(f"checkpoint format {meta.get('format_version')} != supported {FORMAT_VERSION} (written "
+                              "by another ifc_ds version: its optimizer state would not map onto this one's)")
     if meta["num_instances"] != num_instances:
         raise CheckpointError(f"checkpoint has N={meta['num_instances']} instances, this run's data has "
                               f"{num_instances} (data.train / data.limit changed?)")
@@ -249,7 +256,7 @@ def load_checkpoint(path: Path, engines, cfg: Config, num_instances: int) -> dic
         if is_main():
             log.info("elastic resume: %d -> %d ranks; classifier rows re-sharded by global id",
                      meta["world_size"], world_size())
-    _barrier()
+    barrier()
     return state
 
 

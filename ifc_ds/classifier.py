@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ifc_ds.dist import all_gather_equal, all_gather_rows
+from ifc_ds.collectives import all_gather_equal, all_gather_rows, all_reduce_, rank_in, size
 
 # exp(1/T) * N must stay below fp32's max (3.4e38): 1/T <= 40 leaves room for N up to ~1e20.
 _MAX_UNSHIFTED_INV_TEMPERATURE = 40.0
@@ -56,19 +56,6 @@ def shard_range(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
     base, extra = divmod(num_rows, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
-
-
-# --------------------------------------------------------------------------- process-group helpers
-def _world(group) -> tuple[int, int]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
-def _all_reduce(tensor: torch.Tensor, op, group, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        dist.all_reduce(tensor, op=op, group=group)
-    return tensor
 
 
 @dataclass
@@ -93,7 +80,7 @@ def _exchange_layout(batch: int, dim: int, bad_ids: torch.Tensor, expected_dim: 
     instead of one rank raising while the others wait in a collective."""
     info = torch.stack([torch.tensor(batch, device=device), torch.tensor(dim, device=device),
                         bad_ids.to(device=device, dtype=torch.int64)])
-    table = all_gather_equal(info, group, world_size).tolist()
+    table = all_gather_equal(info, group).tolist()
     for r, (_, d, bad) in enumerate(table):
         if d != expected_dim:
             raise ValueError(f"features on rank {r} have dim {d}, the classifier expects {expected_dim}")
@@ -113,11 +100,11 @@ class _GatherFeatures(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features, layout: _BatchLayout, group, world_size: int):
         ctx.layout, ctx.group, ctx.world_size = layout, group, world_size
-        return all_gather_rows(features, layout.sizes, group, world_size)
+        return all_gather_rows(features, layout.sizes, group)
 
     @staticmethod
     def backward(ctx, grad_all):
-        grad_all = _all_reduce(grad_all.contiguous(), dist.ReduceOp.SUM, ctx.group, ctx.world_size)
+        grad_all = all_reduce_(grad_all.contiguous(), dist.ReduceOp.SUM, ctx.group)
         return grad_all[ctx.layout.own_slice()] * ctx.world_size, None, None, None
 
 
@@ -159,24 +146,39 @@ def _merge_topk(best_vals, best_idx, vals, idx, k: int):
     return vals, torch.gather(idx, 0, pos)
 
 
-def _kept_in_use(workspace: dict) -> bool:
-    """The kept logits belong to a graph that is still alive and has not run its backward yet."""
-    owner = workspace.get("owner")
-    return owner is not None and owner() is not None
+class LogitsWorkspace:
+    """Buffers kept across steps (``view``): a fresh ``[N/P, B]`` allocation every step costs more in
+    first-touch page faults than the GEMM writing it.
+
+    The kept exp-logits (``"logits"``) are *claimed* by the forward that writes them and *released*
+    by its backward, or when that graph is dropped without a backward (a skipped non-finite step):
+    the claim is a weak reference to the autograd context, so a dropped graph releases it by itself.
+    While claimed, the next forward recomputes blocks instead of overwriting them."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+        self._owner = None
+
+    def view(self, name: str, shape: tuple[int, int], device) -> torch.Tensor:
+        numel = shape[0] * shape[1]
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.device != device:
+            buf = self.buffers[name] = torch.empty(numel, device=device)
+        return buf[:numel].view(shape)
+
+    def claim(self, ctx) -> None:
+        self._owner = weakref.ref(ctx)
+
+    def release(self) -> None:
+        self._owner = None
+
+    def kept_in_use(self) -> bool:
+        """The kept logits belong to a graph that is still alive and has not run its backward yet."""
+        return self._owner is not None and self._owner() is not None
 
 
-def _workspace_view(workspace: dict, name: str, shape: tuple[int, int], device) -> torch.Tensor:
-    """A ``shape`` view of a buffer kept across steps: a fresh ``[N/P, B]`` allocation every step
-    costs more in first-touch page faults than the GEMM writing it."""
-    numel = shape[0] * shape[1]
-    buf = workspace.get(name)
-    if buf is None or buf.numel() < numel or buf.device != device:
-        buf = workspace[name] = torch.empty(numel, device=device)
-    return buf[:numel].view(shape)
-
-
-def _scan_blocks(ctx, workspace, weight32, col_scale2, features_all, ids_all, local_ids, owned, shift: bool,
-                 spec: _LossSpec):
+def _scan_blocks(ctx, workspace: LogitsWorkspace, weight32, col_scale2, features_all, ids_all, local_ids, owned,
+                 shift: bool, spec: _LossSpec):
     """The unfused forward over this shard, block by block of ``spec.block`` classes.
 
     Returns sum_exp ``[B]`` (this shard's, base-2 exponentials shifted by row_max), row_max ``[B]``
@@ -192,19 +194,17 @@ def _scan_blocks(ctx, workspace, weight32, col_scale2, features_all, ids_all, lo
         for c0, c1 in _blocks(n_rows, spec.block):
             logits2 = torch.mm(weight32[c0:c1] * col_scale2[c0:c1, None], features_t)
             row_max = torch.maximum(row_max, logits2.amax(0))
-        _all_reduce(row_max, dist.ReduceOp.MAX, spec.group, spec.world_size)  # base-2 units
+        all_reduce_(row_max, dist.ReduceOp.MAX, spec.group)  # base-2 units
 
-    kept = _workspace_view(workspace, "logits", (n_rows, batch), device) if spec.keep_logits else None
+    kept = workspace.view("logits", (n_rows, batch), device) if spec.keep_logits else None
     if kept is not None:
-        # in use until backward has consumed it, or until the graph is dropped without a backward
-        # (a skipped non-finite step): a weak reference to this ctx tells which
-        workspace["owner"] = weakref.ref(ctx)
+        workspace.claim(ctx)
     k = spec.search_k
     best_vals = features_all.new_empty((0, batch))
     best_idx = ids_all.new_empty((0, batch))
     sum_exp = torch.zeros(batch, device=device)
     for c0, c1 in _blocks(n_rows, spec.block):
-        out = kept[c0:c1] if kept is not None else _workspace_view(workspace, "block", (c1 - c0, batch), device)
+        out = kept[c0:c1] if kept is not None else workspace.view("block", (c1 - c0, batch), device)
         logits2 = torch.mm(weight32[c0:c1] * col_scale2[c0:c1, None], features_t, out=out)  # [c, B]
         if k:
             own = owned & (local_ids >= c0) & (local_ids < c1)
@@ -230,7 +230,7 @@ def _fused_scan(weight32, col_scale2, features_all, local_ids, owned, shift: boo
     res = fused_loss.scan(weight32, col_scale2, features_all.to(spec.operand_dtype), own_rows,
                           spec.search_k, shift)
     if shift:
-        row_max = _all_reduce(res.maxes.amax(0), dist.ReduceOp.MAX, spec.group, spec.world_size)
+        row_max = all_reduce_(res.maxes.amax(0), dist.ReduceOp.MAX, spec.group)
         sum_exp = (res.sums * torch.exp2(res.maxes - row_max)).sum(0)
     else:
         row_max = torch.zeros_like(res.sums[0])
@@ -260,56 +260,26 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, features_all, weight, ids_all, spec: _LossSpec, workspace: dict):
-        batch, n_rows = features_all.shape[0], weight.shape[0]
+    def forward(ctx, features_all, weight, ids_all, spec: _LossSpec, workspace: LogitsWorkspace):
+        n_rows = weight.shape[0]
         weight32 = weight.detach().float()
         inv_norm = torch.linalg.vector_norm(weight32, dim=1).clamp_min(1e-12).reciprocal_()
         col_scale = inv_norm / spec.temperature  # logit = <f, w_i> * col_scale_i
-        col_scale2 = col_scale * _LOG2E  # the same in base-2 units
         local_ids = ids_all - spec.row_start
-        owned = (local_ids >= 0) & (local_ids < n_rows)
+        owned = (local_ids >= 0) & (local_ids < n_rows)  # exactly one rank owns each id
         local_ids = local_ids.clamp(0, n_rows - 1)
 
-        # the positive logit, summed over ranks (exactly one rank owns each id)
-        positive = (features_all * weight32[local_ids]).sum(1) * col_scale[local_ids]
-        positive = _all_reduce(torch.where(owned, positive, 0.0), dist.ReduceOp.SUM, spec.group, spec.world_size)
-
-        # only for tiny T: the global row maximum (base-2 units), so that exp() cannot overflow
-        shift = 1.0 / spec.temperature > _MAX_UNSHIFTED_INV_TEMPERATURE
-        k = spec.search_k
-        kept = None
-        if spec.fused:  # one kernel: sum-exp (online row max if shifted) and top-k, no [n, B] logits
-            sum_exp, row_max, best_vals, best_idx = _fused_scan(weight32, col_scale2, features_all, local_ids,
-                                                                owned, shift, spec)
-        else:
-            sum_exp, row_max, best_vals, best_idx, kept = _scan_blocks(
-                ctx, workspace, weight32, col_scale2, features_all, ids_all, local_ids, owned, shift, spec)
-        _all_reduce(sum_exp, dist.ReduceOp.SUM, spec.group, spec.world_size)
-        log_norm = sum_exp.log() + row_max / _LOG2E
-        best_vals = best_vals / _LOG2E
-
-        # global top-K negatives: every rank's candidates [P, k, B] merged to the best k
-        neg_vals = neg_ids = None
-        if k:
-            pad = k - best_vals.shape[0]  # a shard with fewer than k rows pads with -inf
-            best_vals = F.pad(best_vals, (0, 0, 0, pad), value=-math.inf)
-            best_idx = F.pad(best_idx, (0, 0, 0, pad), value=-1)
-            all_vals = all_gather_equal(best_vals.T.contiguous(), spec.group, spec.world_size)  # [P, B, k]
-            all_idx = all_gather_equal(best_idx.T.contiguous(), spec.group, spec.world_size)
-            all_vals = all_vals.permute(1, 0, 2).reshape(batch, -1)
-            all_idx = all_idx.permute(1, 0, 2).reshape(batch, -1)
-            neg_vals, pos = torch.topk(all_vals, k, dim=1)
-            neg_ids = torch.gather(all_idx, 1, pos)
-
-        eps, kk = spec.smoothing_eps, spec.smoothing_k
-        per_sample = log_norm - (1.0 - eps) * positive
-        if kk:
-            per_sample = per_sample - (eps / kk) * neg_vals[:, :kk].sum(1)
-        loss = per_sample.mean()
-        # instance accuracy: the own id beats the best other class (0 when nothing was searched)
-        accuracy = (positive > neg_vals[:, 0]).float().mean() if k else loss.new_zeros(())
+        positive = _global_positive_logits(features_all, weight32, col_scale, local_ids, owned, spec)
+        shift = _needs_row_max(spec.temperature)
+        sum_exp, row_max, cand_vals, cand_ids, kept = _scan_shard(ctx, workspace, weight32, col_scale * _LOG2E,
+                                                                  features_all, ids_all, local_ids, owned, shift,
+                                                                  spec)
+        log_norm = _global_log_sum_exp(sum_exp, row_max, spec)
+        neg_vals, neg_ids = _global_top_k(cand_vals / _LOG2E, cand_ids, spec)
+        loss, accuracy = _assemble_loss(log_norm, positive, neg_vals, spec)
         ctx.mark_non_differentiable(accuracy)
 
+        kk = spec.smoothing_k
         ctx.spec, ctx.workspace, ctx.kept = spec, workspace, kept
         ctx.save_for_backward(features_all, weight, ids_all, sum_exp, row_max, inv_norm,
                               neg_ids[:, :kk] if kk else None)
@@ -319,9 +289,9 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_accuracy):
         features_all, weight, ids_all, sum_exp, row_max, inv_norm, neg_ids = ctx.saved_tensors
         spec = ctx.spec
-        batch, n_rows = features_all.shape[0], weight.shape[0]
+        batch = features_all.shape[0]
         weight32 = weight.detach().float()
-        shift = 1.0 / spec.temperature > _MAX_UNSHIFTED_INV_TEMPERATURE
+        shift = _needs_row_max(spec.temperature)
 
         # d loss / d logit[i, b] = (softmax - target) * grad / B. The softmax is exp[i, b] * row_scale[b]:
         # the row scale goes onto the small [B, D] operands instead of a pass over the logits, and the
@@ -333,14 +303,79 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         else:
             grad_features, grad_weight = _dense_backward_blocks(ctx, features_all, weight32, inv_norm, row_max,
                                                                 row_scale, shift)
-
-        rows, cols, values = _sparse_targets(ids_all, neg_ids, spec, n_rows, grad_loss / batch)
-        scaled_rows = weight32[cols] * (inv_norm[cols] / spec.temperature)[:, None]
-        grad_features.index_add_(0, rows, scaled_rows * -values[:, None])
-        target_grad = features_all[rows] * -values[:, None]
-        _through_weight_norm(target_grad, weight32[cols], inv_norm[cols], spec.temperature)
-        grad_weight.index_add_(0, cols, target_grad)
+        _subtract_sparse_targets(grad_features, grad_weight, features_all, weight32, inv_norm, ids_all, neg_ids,
+                                 spec, grad_loss / batch)
         return grad_features, grad_weight.to(weight.dtype), None, None, None
+
+
+# --------------------------------------------------------------------------- the loss, step by step
+def _needs_row_max(temperature: float) -> bool:
+    """Only for tiny T: cosine logits are bounded by 1/T, so exp() cannot overflow above 1/40."""
+    return 1.0 / temperature > _MAX_UNSHIFTED_INV_TEMPERATURE
+
+
+def _global_positive_logits(features_all, weight32, col_scale, local_ids, owned, spec: _LossSpec) -> torch.Tensor:
+    """``[B]``: each sample's logit against its own row, from the rank that owns it, summed over ranks."""
+    positive = (features_all * weight32[local_ids]).sum(1) * col_scale[local_ids]
+    return all_reduce_(torch.where(owned, positive, 0.0), dist.ReduceOp.SUM, spec.group)
+
+
+def _scan_shard(ctx, workspace, weight32, col_scale2, features_all, ids_all, local_ids, owned, shift: bool,
+                spec: _LossSpec):
+    """This shard's sum of exponentials, the global row max, and its top-k candidates: one fused
+    kernel that never writes the ``[n, B]`` logits, or the block loop (which may keep them)."""
+    if spec.fused:
+        return (*_fused_scan(weight32, col_scale2, features_all, local_ids, owned, shift, spec), None)
+    return _scan_blocks(ctx, workspace, weight32, col_scale2, features_all, ids_all, local_ids, owned, shift, spec)
+
+
+def _global_log_sum_exp(sum_exp, row_max, spec: _LossSpec) -> torch.Tensor:
+    """``[B]`` log of the softmax denominator over all shards (``sum_exp`` is summed in place)."""
+    all_reduce_(sum_exp, dist.ReduceOp.SUM, spec.group)
+    return sum_exp.log() + row_max / _LOG2E
+
+
+def _global_top_k(cand_vals, cand_ids, spec: _LossSpec):
+    """Every rank's candidates ``[k', B]`` merged to the best ``k`` negatives ``[B, k]`` (values, global
+    ids); (None, None) when nothing is searched."""
+    k = spec.search_k
+    if not k:
+        return None, None
+    batch = cand_vals.shape[1]
+    pad = k - cand_vals.shape[0]  # a shard with fewer than k rows pads with -inf
+    cand_vals = F.pad(cand_vals, (0, 0, 0, pad), value=-math.inf)
+    cand_ids = F.pad(cand_ids, (0, 0, 0, pad), value=-1)
+    all_vals = all_gather_equal(cand_vals.T.contiguous(), spec.group)  # [P, B, k]
+    all_ids = all_gather_equal(cand_ids.T.contiguous(), spec.group)
+    all_vals = all_vals.permute(1, 0, 2).reshape(batch, -1)
+    all_ids = all_ids.permute(1, 0, 2).reshape(batch, -1)
+    neg_vals, pos = torch.topk(all_vals, k, dim=1)
+    return neg_vals, torch.gather(all_ids, 1, pos)
+
+
+def _assemble_loss(log_norm, positive, neg_vals, spec: _LossSpec):
+    """The mean smoothed cross-entropy (target 1 - eps on the own row, eps / K on each of the top K
+    negatives) and the instance accuracy (the own id beats the best other class; 0 when nothing
+    was searched)."""
+    eps, kk = spec.smoothing_eps, spec.smoothing_k
+    per_sample = log_norm - (1.0 - eps) * positive
+    if kk:
+        per_sample = per_sample - (eps / kk) * neg_vals[:, :kk].sum(1)
+    loss = per_sample.mean()
+    accuracy = (positive > neg_vals[:, 0]).float().mean() if spec.search_k else loss.new_zeros(())
+    return loss, accuracy
+
+
+def _subtract_sparse_targets(grad_features, grad_weight, features_all, weight32, inv_norm, ids_all, neg_ids,
+                             spec: _LossSpec, scale) -> None:
+    """In place: the ``- target`` half of ``softmax - target`` for the few (sample, row) pairs of this
+    shard with a non-zero target, into both gradients (the weight's through the weight norm)."""
+    rows, cols, values = _sparse_targets(ids_all, neg_ids, spec, weight32.shape[0], scale)
+    scaled_rows = weight32[cols] * (inv_norm[cols] / spec.temperature)[:, None]
+    grad_features.index_add_(0, rows, scaled_rows * -values[:, None])
+    target_grad = features_all[rows] * -values[:, None]
+    _through_weight_norm(target_grad, weight32[cols], inv_norm[cols], spec.temperature)
+    grad_weight.index_add_(0, cols, target_grad)
 
 
 def _dense_backward_blocks(ctx, features_all, weight32, inv_norm, row_max, row_scale, shift: bool):
@@ -358,7 +393,7 @@ def _dense_backward_blocks(ctx, features_all, weight32, inv_norm, row_max, row_s
         if kept is not None:
             exp_logits = kept[c0:c1]
         else:  # memory-lean mode: recompute this block
-            out = _workspace_view(ctx.workspace, "block", (c1 - c0, batch), device)
+            out = ctx.workspace.view("block", (c1 - c0, batch), device)
             exp_logits = torch.mm(scaled_w2, features_t, out=out)
             if shift:
                 exp_logits.sub_(row_max)
@@ -367,8 +402,9 @@ def _dense_backward_blocks(ctx, features_all, weight32, inv_norm, row_max, row_s
         torch.mm(exp_logits, scaled_features, out=grad_weight[c0:c1])
         _through_weight_norm(grad_weight[c0:c1], weight32[c0:c1], inv_norm[c0:c1], spec.temperature)
     grad_features.mul_((row_scale / _LOG2E)[:, None])
-    if kept is not None:  # release the kept buffer for the next step
-        ctx.kept, ctx.workspace["owner"] = None, None
+    if kept is not None:  # the next step may write the kept buffer again
+        ctx.kept = None
+        ctx.workspace.release()
     return grad_features, grad_weight
 
 
@@ -455,7 +491,7 @@ class ShardedInstanceClassifier(nn.Module):
     def __init__(self, num_instances: int, dim: int, temperature: float = 0.15, group=None,
                  chunk_size: int | None = None, fused: str = "auto"):
         super().__init__()
-        world_size, rank = _world(group)
+        world_size, rank = size(group), rank_in(group)
         if num_instances < world_size:
             raise ValueError(f"num_instances={num_instances} is smaller than the world size {world_size}: "
                              "every rank needs at least one classifier row")
@@ -477,7 +513,7 @@ class ShardedInstanceClassifier(nn.Module):
         self.track_accuracy = False
         self.last_accuracy: torch.Tensor | None = None
         self.last_batch_size = 0  # B_global of the last forward (known on every rank: the layout exchange)
-        self._workspace: dict = {}
+        self._workspace = LogitsWorkspace()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -511,7 +547,7 @@ class ShardedInstanceClassifier(nn.Module):
         with torch.autocast(device_type=features.device.type, enabled=False):
             unit = F.normalize(features.float(), dim=1)
             features_all = _GatherFeatures.apply(unit, layout, self.group, self.world_size)
-            ids_all = all_gather_rows(instance_ids, layout.sizes, self.group, self.world_size)
+            ids_all = all_gather_rows(instance_ids, layout.sizes, self.group)
             smoothing = smoothing_k if smoothing_eps > 0 else 0
             needs_backward = torch.is_grad_enabled() and (unit.requires_grad or self.weight.requires_grad)
             spec = _LossSpec(
@@ -520,7 +556,7 @@ class ShardedInstanceClassifier(nn.Module):
                 search_k=smoothing or (1 if self.track_accuracy else 0),
                 block=_block_size(layout.total, self.chunk_size, features.device),
                 keep_logits=(self.chunk_size is None and needs_backward and not fused
-                             and not _kept_in_use(self._workspace)),
+                             and not self._workspace.kept_in_use()),
                 group=self.group, world_size=self.world_size, fused=fused, operand_dtype=operand_dtype)
             loss, accuracy = _ShardedSoftmaxCrossEntropy.apply(features_all, self.weight, ids_all, spec,
                                                                self._workspace)
@@ -541,9 +577,8 @@ class ShardedInstanceClassifier(nn.Module):
         bad = ((instance_ids < 0) | (instance_ids >= self.num_instances)).any()
         layout = _exchange_layout(vectors.shape[0], vectors.shape[1], bad, self.dim, self.group,
                                   self.world_size, self.rank, device)
-        ids_all = all_gather_rows(instance_ids, layout.sizes, self.group, self.world_size)
-        vecs_all = all_gather_rows(F.normalize(vectors.to(device).float(), dim=1), layout.sizes,
-                                    self.group, self.world_size)
+        ids_all = all_gather_rows(instance_ids, layout.sizes, self.group)
+        vecs_all = all_gather_rows(F.normalize(vectors.to(device).float(), dim=1), layout.sizes, self.group)
         mine = (ids_all >= self.row_start) & (ids_all < self.row_end)
         self.weight[ids_all[mine] - self.row_start] = vecs_all[mine].to(self.weight.dtype)
         return ids_all
@@ -552,7 +587,7 @@ class ShardedInstanceClassifier(nn.Module):
     def full_weight(self) -> torch.Tensor:
         """Collective: the assembled ``[N, D]`` weight on every rank (tests, small N only)."""
         sizes = [shard_range(self.num_instances, self.world_size, r) for r in range(self.world_size)]
-        return all_gather_rows(self.weight.detach(), [e - s for s, e in sizes], self.group, self.world_size)
+        return all_gather_rows(self.weight.detach(), [e - s for s, e in sizes], self.group)
 
 
 def _rows_from_seed(start: int, end: int, dim: int, seed: int = 0x1FC, block: int = 65536) -> torch.Tensor:

@@ -94,15 +94,8 @@ def decide(loaded, mode: str, memory_gb: float) -> tuple[int, int] | None:
 def decode_into_memory(loaded, size: tuple[int, int], num_workers: int = 0, mode: str = "auto") -> DecodedImages | None:
     """Collective: decodes every row of ``loaded`` into uint8 ``[N, 3, H, W]``, shared by the ranks of
     a node. Returns None (on every rank) if a row has another size and ``mode`` is auto."""
-    from ifc_ds.dist import (
-        all_reduce_max,
-        all_reduce_min,
-        barrier,
-        broadcast_object,
-        local_rank,
-        local_world_size,
-        rank,
-    )
+    from ifc_ds.collectives import all_reduce_max, all_reduce_min, barrier, broadcast_object
+    from ifc_ds.dist import local_rank, local_world_size, rank
 
     n, (height, width) = loaded.num_instances, size
     shape = (n, 3, height, width)

@@ -1,4 +1,6 @@
-"""Process groups: launcher environment (DeepSpeed, torchrun, SLURM), init with timeouts, helpers."""
+"""The process group's life: launcher environment (DeepSpeed, torchrun, SLURM), init with timeouts
+and DeepSpeed's shared-memory all-reduce, threads per rank, exits and watchdogs. The collectives
+themselves are in ``ifc_ds.collectives``."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import time
 
 import torch
 import torch.distributed as dist
+
+from ifc_ds.collectives import all_reduce_min, barrier, rank_in, size
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +160,13 @@ def free_port() -> int:
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This process's rank in the world (0 without a process group)."""
+    return rank_in()
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    """Ranks in the world (1 without a process group)."""
+    return size()
 
 
 def local_world_size() -> int:
@@ -193,50 +199,6 @@ def device() -> torch.device:
     return torch.device(acc.device_name(int(os.environ.get("LOCAL_RANK", 0))))
 
 
-def _distributed() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
-    """In place, on whatever device ``tensor`` is (NCCL reduces only GPU tensors: CPU ones go through
-    the current GPU and come back)."""
-    if not _distributed():
-        return tensor
-    if dist.get_backend() == "nccl" and tensor.device.type == "cpu":
-        staged = tensor.to(device())
-        dist.all_reduce(staged, op=op)
-        tensor.copy_(staged.cpu())
-    else:
-        dist.all_reduce(tensor, op=op)
-    return tensor
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    return _all_reduce(tensor, dist.ReduceOp.SUM)
-
-
-def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    return _all_reduce(tensor, dist.ReduceOp.MAX)
-
-
-def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
-    return _all_reduce(tensor, dist.ReduceOp.MIN)
-
-
-def barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
-def broadcast_object(obj, src: int = 0):
-    """``obj`` of rank ``src`` on every rank (any picklable object)."""
-    if not _distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def local_rank() -> int:
     """This process's rank on its node (launchers set LOCAL_RANK; SLURM sets SLURM_LOCALID)."""
     for key in ("LOCAL_RANK", "SLURM_LOCALID"):
@@ -245,60 +207,7 @@ def local_rank() -> int:
     return 0
 
 
-def lockstep(iterator, device, until: str = "all"):
-    """Yields ``next(iterator)`` (None once it is exhausted) in lockstep with the other ranks, whose
-    shards may differ in length: ``until="all"`` stops once every rank is done (the others get None:
-    collectives that accept empty inputs), ``"any"`` as soon as one rank is done."""
-    op = dist.ReduceOp.MIN if until == "any" else dist.ReduceOp.MAX
-    while True:
-        item = next(iterator, None)
-        flag = torch.tensor([0 if item is None else 1], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=op)
-        if not int(flag.item()):
-            return
-        yield item
-
-
-class RankAloneMPU:
-    """The ``mpu`` DeepSpeed is given for the classifier engine.
-
-    DeepSpeed averages gradients over an engine's data-parallel group and broadcasts its parameters
-    from the group's first rank. The classifier rows differ on every rank (tensor parallel), so this
-    engine's data-parallel group is the rank alone: no averaging, no broadcast, while ZeRO still
-    manages (and can offload) the optimizer state. The model-parallel group is the whole world, so
-    gradient-norm clipping and checkpoint file names see the shards as one sharded parameter.
-    Every rank must create every single-rank group (``new_group`` is collective).
-    """
-
-    def __init__(self):
-        world, me = dist.get_world_size(), dist.get_rank()
-        groups = [dist.new_group([r]) for r in range(world)]
-        self._alone, self._rank, self._world = groups[me], me, world
-
-    def get_data_parallel_group(self):
-        return self._alone
-
-    def get_data_parallel_rank(self) -> int:
-        return 0
-
-    def get_data_parallel_world_size(self) -> int:
-        return 1
-
-    def get_data_parallel_group_ranks(self):
-        return [self._rank]
-
-    def get_model_parallel_group(self):
-        return dist.group.WORLD
-
-    def get_model_parallel_rank(self) -> int:
-        return self._rank
-
-    def get_model_parallel_world_size(self) -> int:
-        return self._world
-
-
-# --------------------------------------------------------------------------- shared-memory all-reduce
+# --------------------------------------------------------------------------- exits and deadlines
 def stop_children() -> None:
     """Kill this process's DataLoader workers before an ``os._exit`` (which skips the atexit handler
     that would): a worker stuck in a read or a decoder would outlive the rank, holding its output
@@ -348,13 +257,14 @@ class Watchdog:
                 hard_exit(self.exit_code)
 
 
+# --------------------------------------------------------------------------- shared-memory all-reduce
 def shared_memory_all_reduce_applies(tensor: torch.Tensor) -> bool:
     """Whether DeepSpeed's shared-memory all-reduce (its CPU ``inference_all_reduce``: 16 ms against
     gloo's 42 ms for ResNet-18's 47 MB of fp32 gradients on 2 ranks here, where gloo goes through
     loopback TCP) can sum ``tensor`` over the world. Only where ``init_distributed`` set it up (every
     rank of the world on this node) and its kernel reduces for real (otherwise it returns the input
     unreduced, silently): a CPU tensor, fp32 with AVX2 or bf16/fp16 with AVX-512."""
-    if not (_shared_memory_ready and _distributed()) or tensor.device.type != "cpu":
+    if not (_shared_memory_ready and size() > 1) or tensor.device.type != "cpu":
         return False
     from deepspeed.comm import comm as ds_comm
 
@@ -369,31 +279,3 @@ def shared_memory_all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
     adds the buffers in rank order, so all get bitwise the same result (for 2 ranks, gloo's). Its C++
     spins on shared flags with no timeout, releasing the GIL: call it under a ``Watchdog``."""
     return torch.ops.deepspeed.inference_all_reduce_(tensor)
-
-
-def all_gather_equal(tensor: torch.Tensor, group, world_size: int) -> torch.Tensor:
-    """Gathers equally shaped tensors: ``[*S]`` -> ``[world_size, *S]``."""
-    if world_size == 1:
-        return tensor.unsqueeze(0)
-    parts = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
-    return torch.stack(parts)
-
-
-def all_gather_rows(tensor: torch.Tensor, sizes: list[int], group, world_size: int) -> torch.Tensor:
-    """Concatenates ``[sizes[r], *S]`` tensors from every rank in rank order (uneven sizes, known)."""
-    if world_size == 1:
-        return tensor
-    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))  # all_gather needs equal shapes
-    padded[: tensor.shape[0]] = tensor
-    gathered = all_gather_equal(padded, group, world_size)
-    return torch.cat([gathered[r, : sizes[r]] for r in range(world_size)])
-
-
-def gather_uneven(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """Concatenates ``[n_r, *S]`` tensors of every rank in rank order (n_r may differ per rank)."""
-    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
-        return tensor
-    world = dist.get_world_size(group)
-    sizes = all_gather_equal(torch.tensor(tensor.shape[0], device=tensor.device), group, world).tolist()
-    return all_gather_rows(tensor, sizes, group, world)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from ifc_ds.collectives import gather_uneven
 from ifc_ds.crops import batch_crops
 from ifc_ds.data import LoadedDataset, ordered_batches
-from ifc_ds.dist import gather_uneven
 
 
 @torch.no_grad()
@@ -38,8 +38,9 @@ def raw_init_feature_pass(encoder, loaded: LoadedDataset, crop, views, device: t
     """For raw-feature init (``hooks.RawFeatureInit``): ``run(batch_size)`` yields (features [b, D] of
     the whole encoder as it is, ids [b]) over this rank's share, the same number of batches on every
     rank (a streaming shard that ends early yields empty ones)."""
+    from ifc_ds.collectives import lockstep
     from ifc_ds.data import make_loader
-    from ifc_ds.dist import lockstep, rank, world_size
+    from ifc_ds.dist import rank, world_size
     from ifc_ds.streaming import StreamShard
 
     def run(batch_size: int):

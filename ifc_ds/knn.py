@@ -9,17 +9,9 @@ rows never sits on one rank, and memory is bounded by the query chunk.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-
-def _gather_equal(tensor: torch.Tensor) -> torch.Tensor:
-    """[*S] -> [P, *S] over the default group (world size 1: no process group needed)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return tensor.unsqueeze(0)
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.stack(parts)
+from ifc_ds.collectives import all_gather_equal, rank_in
 
 
 def _topk_ties_to_lower_id(vals: torch.Tensor, ids: torch.Tensor, k: int):
@@ -40,10 +32,11 @@ def _topk_ties_to_lower_id(vals: torch.Tensor, ids: torch.Tensor, k: int):
 
 
 def sharded_topk(bank_shard: torch.Tensor, bank_labels: torch.Tensor, bank_ids: torch.Tensor, queries: torch.Tensor,
-                 k: int):
-    """Global top-k cosine neighbours of unit ``queries [Q, F]`` over all ranks' unit ``bank_shard
-    [n_r, F]`` (global row ids ``bank_ids [n_r]``). Returns (similarities [Q, k], labels [Q, k]),
-    identical on every rank; exact ties go to the lower global id, however the bank is sharded."""
+                 k: int, group=None):
+    """Global top-k cosine neighbours of unit ``queries [Q, F]`` over the unit ``bank_shard [n_r, F]``
+    (global row ids ``bank_ids [n_r]``) of every rank of ``group``. Returns (similarities [Q, k],
+    labels [Q, k]), identical on every rank; exact ties go to the lower global id, however the bank
+    is sharded."""
     q = queries.shape[0]
     k_local = min(k, bank_shard.shape[0])
     # float64: features of an untrained network are nearly collinear (cosine ~0.9995, neighbours apart
@@ -58,7 +51,7 @@ def sharded_topk(bank_shard: torch.Tensor, bank_labels: torch.Tensor, bank_ids: 
     vals = F.pad(vals, (0, pad), value=float("-inf"))
     labels = F.pad(bank_labels[idx], (0, pad), value=-1)
     ids = F.pad(bank_ids[idx], (0, pad), value=torch.iinfo(torch.int64).max)
-    merged = [_gather_equal(t).permute(1, 0, 2).reshape(q, -1) for t in (vals, labels, ids)]  # [Q, P * k]
+    merged = [all_gather_equal(t, group).permute(1, 0, 2).reshape(q, -1) for t in (vals, labels, ids)]  # [Q, P * k]
     top_vals, pos = _topk_ties_to_lower_id(merged[0], merged[2], k)
     return top_vals, merged[1].gather(1, pos)
 
@@ -74,22 +67,22 @@ def knn_vote(sims: torch.Tensor, labels: torch.Tensor, num_classes: int, tempera
 @torch.no_grad()
 def knn_predict(bank_shard: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
                 k: int = 200, temperature: float | None = 0.07, chunk: int = 1024,
-                bank_ids: torch.Tensor | None = None) -> torch.Tensor:
+                bank_ids: torch.Tensor | None = None, group=None) -> torch.Tensor:
     """Class scores [Q, C] (float64) for every query, identical on every rank (a collective per chunk).
     ``queries`` must be the same on every rank; features are L2-normalised here. ``bank_ids [n_r]``:
     the rows' global ids (e.g. dataset positions), which break exact similarity ties; by default the
-    rows are numbered rank after rank."""
+    rows are numbered rank after rank. The bank is sharded over the ranks of ``group``."""
     bank = F.normalize(bank_shard.double(), dim=1)
     queries = F.normalize(queries.double(), dim=1)
-    sizes = _gather_equal(torch.tensor(bank.shape[0], device=bank.device)).tolist()
+    sizes = all_gather_equal(torch.tensor(bank.shape[0], device=bank.device), group).tolist()
     if bank_ids is None:
-        first = sum(sizes[:dist.get_rank()]) if len(sizes) > 1 else 0
+        first = sum(sizes[:rank_in(group)])
         bank_ids = torch.arange(first, first + bank.shape[0], device=bank.device)
     bank_ids = bank_ids.to(bank.device, torch.int64)
     k = min(k, sum(sizes))
     out = []
     for start in range(0, queries.shape[0], chunk):
-        sims, labels = sharded_topk(bank, bank_labels, bank_ids, queries[start:start + chunk], k)
+        sims, labels = sharded_topk(bank, bank_labels, bank_ids, queries[start:start + chunk], k, group)
         out.append(knn_vote(sims, labels, num_classes, temperature))
     return torch.cat(out) if out else torch.zeros(0, num_classes, dtype=torch.float64)
 

@@ -12,7 +12,8 @@ import signal
 import torch
 import torch.distributed as dist
 
-from ifc_ds.dist import EXIT_PEER_LOST, all_reduce_sum
+from ifc_ds.collectives import all_reduce_sum, barrier
+from ifc_ds.dist import EXIT_PEER_LOST
 
 EXIT_OK = 0
 EXIT_PREEMPTED = 75  # checkpointed on SIGTERM/SIGUSR1: requeue and resume (EX_TEMPFAIL)
@@ -62,6 +63,6 @@ def finish(exit_code: int) -> int:
     """Tears the process group down (after a barrier: a rank that leaves while a peer still uses the
     group makes gloo abort the peer) and returns ``exit_code``."""
     if dist.is_initialized():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
     return exit_code

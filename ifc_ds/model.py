@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
 import timm
 import torch
 from torch import nn
@@ -34,10 +38,32 @@ def create_backbone(cfg: ModelConfig, image_size: int | None = None) -> nn.Modul
 EXPORT_STEM_KEY = "ifc_ds_small_images"  # config.json field of an export whose backbone has the small-image stem
 
 
-def exported_model_args(config: dict) -> dict:
-    """The timm arguments an export's config.json records (``model_args``), less ``num_classes``, which
-    the loader sets (0: pooled features)."""
-    return {k: v for k, v in config.get("model_args", {}).items() if k != "num_classes"}
+@dataclass(frozen=True)
+class Export:
+    """What an ``ifc-export`` folder's ``config.json`` says about its backbone."""
+
+    folder: Path
+    architecture: str
+    model_args: dict  # timm's create_model arguments, less num_classes (the loader sets it)
+    small_images: bool  # the small-image stem (``EXPORT_STEM_KEY``)
+    input_size: int  # the side the backbone was trained and evaluated at
+
+    @property
+    def weights(self) -> Path:
+        return self.folder / "model.safetensors"
+
+    def model_config(self, base: ModelConfig) -> ModelConfig:
+        """``base`` (head, dim, ...) with this export's backbone."""
+        return replace(base, name=self.architecture, small_images=self.small_images, kwargs=dict(self.model_args))
+
+
+def read_export(folder: str | Path) -> Export:
+    """Parses ``<folder>/config.json`` of an ``ifc-export`` folder (the layout timm's ``save_for_hf`` writes)."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    args = {k: v for k, v in config.get("model_args", {}).items() if k != "num_classes"}
+    return Export(folder, config["architecture"], args, bool(config.get(EXPORT_STEM_KEY)),
+                  int(config["pretrained_cfg"]["input_size"][-1]))
 
 
 def load_exported(folder: str, **kwargs) -> nn.Module:
@@ -47,18 +73,15 @@ def load_exported(folder: str, **kwargs) -> nn.Module:
     num_classes=0)``. The small-image stem is not a timm ResNet option (timm has no 3x3 stride-1 stem
     without max-pool), so timm cannot build it from ``model_args``; its config.json says so in
     ``EXPORT_STEM_KEY`` and this loader rebuilds the stem before loading the weights, from the folder alone."""
-    import json
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
-    config = json.loads((Path(folder) / "config.json").read_text())
-    if not config.get(EXPORT_STEM_KEY):
+    export = read_export(folder)
+    if not export.small_images:
         return timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0, **kwargs)
-    backbone = timm.create_model(config["architecture"], pretrained=False, num_classes=0,
-                                 **{**exported_model_args(config), **kwargs})
+    backbone = timm.create_model(export.architecture, pretrained=False, num_classes=0,
+                                 **{**export.model_args, **kwargs})
     adapt_stem_to_small_images(backbone)
-    backbone.load_state_dict(load_file(Path(folder) / "model.safetensors"))
+    backbone.load_state_dict(load_file(export.weights))
     return backbone
 
 

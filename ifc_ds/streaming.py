@@ -178,7 +178,7 @@ class SeenIds:
 
     def merged_over_ranks(self, device) -> SeenIds:
         """Collective: the union of every rank's bitmap."""
-        from ifc_ds.dist import all_reduce_max
+        from ifc_ds.collectives import all_reduce_max
 
         bits = torch.from_numpy(self.bits.astype(np.uint8)).to(device)
         return SeenIds(self.num_instances, np.packbits(all_reduce_max(bits).cpu().numpy().astype(bool)))
@@ -265,8 +265,8 @@ class StreamEpochs:
                            epoch, exclude=exclude)
 
     def batches(self, epoch: int, offset: int):
+        from ifc_ds.collectives import lockstep
         from ifc_ds.data import make_loader
-        from ifc_ds.dist import lockstep
 
         loader = make_loader(self.shard(epoch), batch_size=self.per_rank, num_workers=self.num_workers,
                              timeout=self.timeout, drop_last=True)

@@ -17,11 +17,12 @@ from ifc_ds import engine
 from ifc_ds.augment import DeviceViews, eval_crop, train_crop
 from ifc_ds.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, seed_everything
 from ifc_ds.classifier import ShardedInstanceClassifier
+from ifc_ds.collectives import Groups, all_reduce_sum
 from ifc_ds.config import Config, save_config
 from ifc_ds.crops import batch_crops
 from ifc_ds.data import InstanceBatchSampler, MapEpochs, default_num_workers, load_dataset
 from ifc_ds.decoded import decode_as_configured
-from ifc_ds.dist import all_reduce_sum, device, init_distributed, is_main, local_world_size, rank, world_size
+from ifc_ds.dist import device, init_distributed, is_main, local_world_size, rank, world_size
 from ifc_ds.engine import accumulation_steps, build_engines, current_classifier_lr, current_lr
 from ifc_ds.features import raw_init_feature_pass
 from ifc_ds.hooks import TrainState, build_hooks, hook_names
@@ -64,6 +65,7 @@ class Trainer:
         setup_logging()
         seed_everything(self.cfg.seed + rank())
         self.dev, self.world = device(), world_size()
+        self.groups = Groups()  # the world for both: DeepSpeed's backbone engine is data-parallel over it
         if self.dev.type != "cpu":
             from deepspeed.accelerator import get_accelerator
 
@@ -98,7 +100,7 @@ class Trainer:
         cfg = self.cfg
         self.encoder = InstanceEncoder(cfg.model, cfg.data.image_size)
         self.classifier = ShardedInstanceClassifier(self.n, cfg.model.dim, cfg.classifier.temperature,
-                                                    chunk_size=cfg.classifier.chunk_size,
+                                                    group=self.groups.classifier, chunk_size=cfg.classifier.chunk_size,
                                                     fused=cfg.classifier.fused).to(self.dev)
         self.engines = build_engines(cfg, self.encoder, self.classifier, self.steps_per_epoch, self.world)
         mean, std = data_config(cfg.model.name)
@@ -184,7 +186,7 @@ class Trainer:
     def end_epoch(self, bad_images: int, completed: bool) -> None:
         """Collective: counts the epoch's replaced images; a completed epoch may evaluate and checkpoint."""
         p = self.progress
-        bad_images = int(all_reduce_sum(torch.tensor([bad_images], device=self.dev)).item())
+        bad_images = int(all_reduce_sum(torch.tensor([bad_images], device=self.dev), self.groups.data).item())
         p.bad_images += bad_images
         if bad_images:
             log.warning("epoch %d: %d undecodable images were replaced by the next valid row", p.epoch, bad_images)

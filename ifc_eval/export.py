@@ -14,11 +14,10 @@ Upload it as it is with ``huggingface_hub.upload_folder(repo_id=..., folder_path
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ifc_ds.augment import eval_crop_pct
-from ifc_ds.checkpoint import find_checkpoint
+from ifc_ds.checkpoint import read_checkpoint
 from ifc_ds.config import AugmentConfig, config_from_dict
 from ifc_ds.engine.state import fp32_encoder_state
 from ifc_ds.model import EXPORT_STEM_KEY, InstanceEncoder, data_config
@@ -28,10 +27,8 @@ def load_run_encoder(checkpoint: str, image_size: int | None = None):
     """(encoder with the fp32 master weights, the run's Config, the checkpoint folder) of a run's
     output_dir (its newest checkpoint) or of one checkpoint folder; ``image_size`` overrides the run's
     (ViTs fix their patch grid from it)."""
-    ckpt = find_checkpoint(checkpoint, "auto") if (Path(checkpoint) / "checkpoints").is_dir() else Path(checkpoint)
-    if ckpt is None or not (ckpt / "meta.json").is_file():
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: no complete checkpoint found")
-    run_cfg = config_from_dict(json.loads((ckpt / "meta.json").read_text())["config"])
+    ckpt, meta = read_checkpoint(checkpoint)
+    run_cfg = config_from_dict(meta["config"])
     encoder = InstanceEncoder(run_cfg.model, image_size or run_cfg.data.image_size)
     encoder.load_state_dict(fp32_encoder_state(ckpt, encoder))
     return encoder, run_cfg, ckpt

@@ -33,6 +33,7 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, weight_deca
 
     Under a process group (the same features on every rank) the weight-decay sweep is split over the
     ranks and the final fit runs on rank 0; every rank returns the same result."""
+    from ifc_ds.collectives import all_gather_object, broadcast_object
     from ifc_ds.dist import rank, world_size
 
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
@@ -45,7 +46,7 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, weight_deca
         model = _fit(train_x[fit_idx], train_y[fit_idx], num_classes, wd, max_iter)
         with torch.no_grad():
             mine[wd] = topk_accuracy(model(train_x[val_idx]), train_y[val_idx], ks=(1,))[1]
-    sweep = {wd: acc for part in _gather_objects(mine) for wd, acc in part.items()}
+    sweep = {wd: acc for part in all_gather_object(mine) for wd, acc in part.items()}
     best = max(sweep, key=lambda wd: (sweep[wd], -wd))
     result = None
     if rank() == 0:
@@ -54,24 +55,4 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, weight_deca
             acc = topk_accuracy(model(test_x), test_y, ks=(1, min(5, num_classes)))
         result = {"linear_top1": acc[1], "linear_top5": acc[min(5, num_classes)], "linear_weight_decay": best,
                   "linear_val_sweep": {str(k): sweep[k] for k in weight_decays}}
-    return _broadcast_object(result)
-
-
-def _gather_objects(obj) -> list:
-    import torch.distributed as dist
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, obj)
-    return parts
-
-
-def _broadcast_object(obj):
-    import torch.distributed as dist
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return broadcast_object(result)

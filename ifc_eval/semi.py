@@ -10,10 +10,10 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from ifc_ds.augment import DeviceViews, train_crop
+from ifc_ds.collectives import all_reduce_sum, broadcast_
 from ifc_ds.config import AugmentConfig
 from ifc_ds.crops import batch_crops
 from ifc_ds.data import InstanceBatchSampler, InstanceDataset, make_loader
@@ -81,7 +81,7 @@ def finetune(backbone: torch.nn.Module, num_features: int, train, num_classes: i
             log.info("semi %g%%: epoch %d/%d, last loss %.3f", 100 * fraction, epoch + 1, epochs, loss.item())
     if world_size() > 1:  # each rank's last forward updated its own batch-norm statistics: keep rank 0's
         for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
+            broadcast_(buffer, src=0)
     return model.eval()
 
 
@@ -93,6 +93,5 @@ def evaluate(model: torch.nn.Module, test_batches, device) -> tuple[float, int]:
     for images, labels in test_batches():
         predicted = model(images.to(device)).float().cpu().argmax(dim=1)  # ties: the lowest class
         counts += torch.tensor([(predicted == labels).sum().item(), len(labels)], dtype=torch.float64)
-    if world_size() > 1:
-        dist.all_reduce(counts)
+    all_reduce_sum(counts)
     return (counts[0] / counts[1]).item(), int(counts[1])

@@ -17,13 +17,13 @@ import hashlib
 import json
 import logging
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ifc_ds.augment import DeviceViews, eval_crop
-from ifc_ds.checkpoint import content_key, find_checkpoint
+from ifc_ds.checkpoint import CheckpointError, content_key, read_checkpoint
 from ifc_ds.config import AugmentConfig, ConfigError, ModelConfig, apply_mapping, parse_overrides
 from ifc_ds.crops import batch_crops
 from ifc_ds.data import (
@@ -33,7 +33,7 @@ from ifc_ds.data import (
 from ifc_ds.dist import device, init_distributed, is_main, rank, world_size
 from ifc_ds.features import extract_features
 from ifc_ds.knn import knn_predict, topk_accuracy
-from ifc_ds.model import EXPORT_STEM_KEY, InstanceEncoder, data_config, exported_model_args
+from ifc_ds.model import InstanceEncoder, data_config, read_export
 from ifc_eval.export import load_run_encoder
 
 log = logging.getLogger("ifc_ds.eval")
@@ -111,14 +111,15 @@ def default_datasets(cfg: EvalSuiteConfig, checkpoint: str) -> None:
     """No datasets configured: use the run's own kNN-monitor pair (eval.train / eval.test)."""
     if cfg.datasets:
         return
-    ckpt = find_checkpoint(checkpoint, "auto") if (Path(checkpoint) / "checkpoints").is_dir() else Path(checkpoint)
-    meta = ckpt / "meta.json" if ckpt is not None else None
-    if meta is not None and meta.is_file():
-        run_eval = json.loads(meta.read_text())["config"].get("eval", {})
-        if run_eval.get("train") and run_eval.get("test"):
-            cfg.datasets["monitor"] = DatasetEntry(run_eval["train"], run_eval["test"], run_eval.get("limit_train"),
-                                                   run_eval.get("limit_test"))
-            return
+    try:
+        _, meta = read_checkpoint(checkpoint)
+    except CheckpointError:
+        meta = {}  # random weights, an export or a weights file: no run config to fall back on
+    run_eval = meta.get("config", {}).get("eval", {})
+    if run_eval.get("train") and run_eval.get("test"):
+        cfg.datasets["monitor"] = DatasetEntry(run_eval["train"], run_eval["test"], run_eval.get("limit_train"),
+                                               run_eval.get("limit_test"))
+        return
     raise ConfigError("no datasets configured (datasets: {name: {train: ..., test: ...}}) and the run has no "
                       "eval.train / eval.test pair to fall back on")
 
@@ -156,10 +157,8 @@ def _from_export(path: str, cfg: EvalSuiteConfig) -> Candidate:
     from safetensors.torch import load_file
 
     if Path(path).is_dir():
-        exported = json.loads((Path(path) / "config.json").read_text())
-        model_cfg = replace(cfg.model, name=exported["architecture"], small_images=bool(exported.get(EXPORT_STEM_KEY)),
-                            kwargs=exported_model_args(exported))
-        size, weights = cfg.image_size or exported["pretrained_cfg"]["input_size"][-1], Path(path) / "model.safetensors"
+        export = read_export(path)
+        model_cfg, size, weights = export.model_config(cfg.model), cfg.image_size or export.input_size, export.weights
     else:
         model_cfg, size, weights = cfg.model, cfg.image_size or 224, Path(path)
     encoder = InstanceEncoder(model_cfg, size)
@@ -210,7 +209,7 @@ def _progress(cand: Candidate, protocol: str, top1: float) -> None:
 
 
 def evaluate(cand: Candidate, entry: DatasetEntry, cfg: EvalSuiteConfig, dev) -> dict:
-    from ifc_ds.dist import gather_uneven
+    from ifc_ds.collectives import gather_uneven
 
     bank, bank_y, bank_ids, train_loaded = _cached_features(cand, entry.train, entry.limit_train, cfg, dev, "train")
     test_shard, test_shard_y, _, test_loaded = _cached_features(cand, entry.test, entry.limit_test, cfg, dev, "test")

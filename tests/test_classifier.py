@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ifc_ds.classifier import ShardedInstanceClassifier, _kept_in_use, shard_range
+from ifc_ds.classifier import ShardedInstanceClassifier, shard_range
 from tests._dist import run_ranks
 
 N, D = 23, 8  # N not divisible by 2, 3 or 4
@@ -159,7 +159,7 @@ def test_workspace_reuse_gives_same_result():
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
     with torch.no_grad():  # no backward follows: the buffer must not stay claimed
         clf(feats, ids)
-    assert not _kept_in_use(clf._workspace)
+    assert not clf._workspace.kept_in_use()
 
 
 def test_skipped_nonfinite_step_releases_the_kept_logits():
@@ -168,24 +168,24 @@ def test_skipped_nonfinite_step_releases_the_kept_logits():
     clf = ShardedInstanceClassifier(N, D)
     feats, ids = torch.randn(6, D), torch.randint(0, N, (6,))
     clf(feats.clone().requires_grad_(), ids).backward()
-    storage = clf._workspace["logits"].untyped_storage().data_ptr()
+    storage = clf._workspace.buffers["logits"].untyped_storage().data_ptr()
     bad = feats.clone()
     bad[0, 0] = float("nan")
     loss = clf(bad.requires_grad_(), ids)
-    assert not torch.isfinite(loss) and _kept_in_use(clf._workspace)
+    assert not torch.isfinite(loss) and clf._workspace.kept_in_use()
     del loss  # skipped: the graph is dropped without a backward
-    assert not _kept_in_use(clf._workspace)
+    assert not clf._workspace.kept_in_use()
     for _ in range(2):
         clf.weight.grad = None
         clf(feats.clone().requires_grad_(), ids).backward()
-        assert clf._workspace["logits"].untyped_storage().data_ptr() == storage
-    assert "block" not in clf._workspace  # nothing was recomputed into a second buffer
+        assert clf._workspace.buffers["logits"].untyped_storage().data_ptr() == storage
+    assert "block" not in clf._workspace.buffers  # nothing was recomputed into a second buffer
     # a graph still alive (backward not yet run) keeps its buffer: a second forward must not reuse it
     first = clf(feats.clone().requires_grad_(), ids)
     second = clf(feats.clone().requires_grad_(), ids)
     first.backward()
     second.backward()
-    assert "block" in clf._workspace
+    assert "block" in clf._workspace.buffers
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -234,6 +234,7 @@ def test_no_room_in_dev_shm_falls_back_to_the_process_group():
 
 def _without_room(rank, world_size, port):
     import ifc_ds.dist as ifc_dist
+    from ifc_ds.collectives import all_reduce_sum
 
     # (run_ranks' process group is torch's own; this test needs init_distributed to make it)
     dist.destroy_process_group()
@@ -244,7 +245,7 @@ def _without_room(rank, world_size, port):
     assert not ifc_dist.shared_memory_all_reduce_applies(torch.ones(10))
     assert not os.path.exists(ifc_dist._deepspeed_shm_path(rank))
     x = torch.ones(10)
-    ifc_dist.all_reduce_sum(x)
+    all_reduce_sum(x)
     assert torch.equal(x, torch.full((10,), 2.0))
 
 
@@ -265,3 +266,25 @@ def test_a_hung_rank_fails_its_test_instead_of_hanging_the_suite():
     with pytest.raises(AssertionError, match=r"ranks \[0, 1\] still running after 30 s"):
         run_ranks(_one_rank_hangs, 2, timeout_s=30)
     assert time.monotonic() - t0 < 90
+
+
+def test_optimizers_and_weight_decay_groups_come_from_timm():
+    """timm's split honours the backbone's no_weight_decay() (a ViT's pos_embed and cls_token: 3-d,
+    decayed before), does not depend on the decay's value (fp32 masters are saved group by group),
+    and the config's "sgd" is classical momentum, not timm's Nesterov "sgd"."""
+    from ifc_ds.config import ModelConfig
+    from ifc_ds.engine import make_optimizer, param_groups
+
+    encoder = InstanceEncoder(ModelConfig(name="test_vit", head_hidden=16, dim=8), 32)
+    names = {id(p): n for n, p in encoder.named_parameters()}
+    groups = param_groups(encoder, 0.05)
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    decay = {names[id(p)] for g in groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    assert {"backbone.pos_embed", "backbone.cls_token"} <= no_decay
+    assert "backbone.patch_embed.proj.weight" in decay and not any(n.endswith(".bias") for n in decay)
+    assert no_decay | decay == set(names.values()) and not no_decay & decay
+    split = [[names[id(p)] for p in g["params"]] for g in groups]
+    assert [[names[id(p)] for p in g["params"]] for g in param_groups(encoder, 0.0)] == split
+    sgd = make_optimizer("sgd", groups, 0.1, 0.9)
+    assert isinstance(sgd, torch.optim.SGD) and not sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9
+    assert [g["weight_decay"] for g in sgd.param_groups] == [g["weight_decay"] for g in groups]

@@ -261,3 +261,23 @@ def test_feature_cache_follows_the_checkpoints_content(trained, tmp_path):
     assert not torch.equal(first, again)
     cached = _cached_features(_from_checkpoint(str(ckpt), cfg), "sklearn:digits:limit=64", None, cfg, cpu, "train")[0]
     assert torch.equal(cached, again)  # an unchanged checkpoint still hits the cache
+
+
+def test_a_run_and_its_checkpoint_folder_read_alike_and_anything_else_is_a_clear_error(trained, tmp_path):
+    """Export and the suite find a run's checkpoint through ``read_checkpoint`` (once two copies)."""
+    import json
+
+    from ifc_ds.checkpoint import CheckpointError, find_checkpoint, read_checkpoint
+    from ifc_ds.config import ConfigError
+    from ifc_eval.suite import default_datasets, load_suite_config
+
+    newest = find_checkpoint(str(trained), "auto")
+    for path in (trained, newest):
+        assert read_checkpoint(str(path)) == (newest, json.loads((newest / "meta.json").read_text()))
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        read_checkpoint(str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(CheckpointError, match="no complete checkpoint found"):
+        read_checkpoint(str(tmp_path))
+    with pytest.raises(ConfigError, match="no datasets configured"):  # random weights: no run to fall back on
+        default_datasets(load_suite_config(None, []), "random")

@@ -64,7 +64,7 @@ def _run_layer(rank, world_size, case_no, k, eps, temp, dtype):
     clf = ShardedInstanceClassifier(N, D, temperature=temp, fused="always")
     clf.track_accuracy = True  # K = 0 still searches the best other id for the accuracy
     loss, mine, my_rows = run_my_slice(clf, weight, feats, ids, sizes, rank, k, eps)
-    assert "logits" not in clf._workspace and "block" not in clf._workspace  # no [n, B] buffer
+    assert "logits" not in clf._workspace.buffers and "block" not in clf._workspace.buffers  # no [n, B] buffer
 
     # the reference: fp32 math on the same (possibly fp16-rounded) features
     ref_feats, ref_w = feats.float().clone().requires_grad_(), weight.clone().requires_grad_()

@@ -225,6 +225,8 @@ def test_mismatched_config_is_refused(reference):
         check_compatible(meta, load_config(None, base + ["model.dim=8"]), 48)
     with pytest.raises(CheckpointError, match="model.name"):
         check_compatible(meta, load_config(None, base + ["model.name=resnet18"]), 48)
+    with pytest.raises(CheckpointError, match="checkpoint format 1 != supported"):  # before timm's param groups
+        check_compatible({**meta, "format_version": 1}, load_config(None, same), 48)
 
 
 NAN_SCRIPT = """

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from ifc_ds.data.loading import LoadedDataset
 from ifc_ds.data.sampling import InstanceBatchSampler
@@ -62,11 +63,13 @@ def collate(samples):
         size = samples[raw[0]][0].size
         blank = torch.zeros(shape or (3, size, size), dtype=torch.uint8)
         images = [blank if isinstance(im, RawJpeg) else im for im in images]
-    out = {"images": torch.stack(images),
-           "ids": torch.tensor([s[1] for s in samples], dtype=torch.int64),
-           "replaced": torch.tensor(sum(int(s[2]) for s in samples), dtype=torch.int64)}
-    if samples and len(samples[0]) > 3:
-        out["labels"] = torch.tensor([s[3] for s in samples], dtype=torch.int64)
+    # torch's default_collate takes the plain fields; the images are ours to stack, because a raw
+    # JPEG left for the device has no tensor yet (a blank holds its place, ``jpeg`` says where)
+    fields = default_collate([s[1:] for s in samples])  # ids [B], replaced flags [B][, labels [B]]
+    out = {"images": torch.stack(images), "ids": fields[0].to(torch.int64),
+           "replaced": fields[1].to(torch.int64).sum()}
+    if len(fields) > 2:
+        out["labels"] = fields[2].to(torch.int64)
     if raw:
         out["jpeg"] = {"index": torch.tensor(raw), "data": [samples[i][0].data for i in raw],
                        "boxes": torch.stack([samples[i][0].box for i in raw])}

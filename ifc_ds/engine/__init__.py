@@ -27,6 +27,7 @@ a step none of whose micro-batches was finite is not taken at all.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -35,17 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
+import timm.optim
 import torch
 from torch import nn
 
+from ifc_ds import collectives
 from ifc_ds.config import Config, ConfigError
-from ifc_ds.dist import (
-    EXIT_PEER_LOST,
-    RankAloneMPU,
-    Watchdog,
-    shared_memory_all_reduce_,
-    shared_memory_all_reduce_applies,
-)
+from ifc_ds.dist import EXIT_PEER_LOST, Watchdog, shared_memory_all_reduce_, shared_memory_all_reduce_applies
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
@@ -105,8 +102,8 @@ def accumulation_steps(cfg: Config) -> int:
 
 def classifier_ds_config(backbone_cfg: dict, grad_clip: float) -> dict:
     """The classifier engine: same ZeRO stage and offload, fp32 (cosine logits need it), its own
-    gradient clip (the norm is taken over all shards: the engine's model-parallel group is the world),
-    and a data-parallel world of one."""
+    gradient clip (the norm is taken over all shards: the engine's model-parallel group is the group
+    the rows are sharded over), and a data-parallel world of one."""
     cfg = copy.deepcopy(backbone_cfg)
     for key in ("fp16", "bf16", "amp", "torch_autocast"):
         cfg.pop(key, None)
@@ -123,32 +120,72 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and normalisation parameters (every parameter with ndim <= 1)."""
-    decay = [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(encoder: nn.Module, weight_decay: float) -> list[dict]:
+    """timm's weight-decay split (``param_groups_weight_decay``): none on biases and normalisation
+    parameters (ndim <= 1), nor on what the backbone's ``no_weight_decay()`` names (a ViT's pos_embed
+    and cls_token). The split is taken at a placeholder decay and the value set afterwards: timm
+    returns one group for a decay of 0, and the groups must not depend on the value (the fp32
+    masters of a bf16 checkpoint are saved and read back group by group)."""
+    backbone = getattr(encoder, "backbone", encoder)
+    prefix = "backbone." if backbone is not encoder else ""
+    skip = {prefix + name for name in getattr(backbone, "no_weight_decay", set)()}
+    groups = timm.optim.param_groups_weight_decay(encoder, 1.0, no_weight_decay_list=skip)
+    for group in groups:
+        group["weight_decay"] = weight_decay if group["weight_decay"] else 0.0
+    return groups
 
 
-def _lars(groups, lr, momentum):
-    from timm.optim import Lars
+class RankAloneMPU:
+    """The ``mpu`` DeepSpeed is given for the classifier engine.
 
-    return Lars(groups, lr=lr, momentum=momentum)
+    DeepSpeed averages gradients over an engine's data-parallel group and broadcasts its parameters
+    from the group's first rank. The classifier rows differ on every rank (tensor parallel), so this
+    engine's data-parallel group is the rank alone: no averaging, no broadcast, while ZeRO still
+    manages (and can offload) the optimizer state. The model-parallel group is the group the rows
+    are sharded over (``classifier_group``; None: the world), so gradient-norm clipping and checkpoint
+    file names see the shards as one sharded parameter. Collective: every rank creates every
+    single-rank group (``new_group`` is collective over the world).
+    """
+
+    def __init__(self, classifier_group=None):
+        world, me = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        alone = [torch.distributed.new_group([r]) for r in range(world)]
+        self._alone, self._global_rank = alone[me], me
+        self._group = classifier_group if classifier_group is not None else torch.distributed.group.WORLD
+
+    def get_data_parallel_group(self):
+        return self._alone
+
+    def get_data_parallel_rank(self) -> int:
+        return 0
+
+    def get_data_parallel_world_size(self) -> int:
+        return 1
+
+    def get_data_parallel_group_ranks(self):
+        return [self._global_rank]
+
+    def get_model_parallel_group(self):
+        return self._group
+
+    def get_model_parallel_rank(self) -> int:
+        return collectives.rank_in(self._group)
+
+    def get_model_parallel_world_size(self) -> int:
+        return collectives.size(self._group)
 
 
-# name -> (param groups, lr, momentum) -> optimizer; the names are config.OptimizerName's (a test
-# holds them equal). sgd: momentum SGD; lars: timm's (SGD + trust ratio); adamw: torch's
-OPTIMIZERS = {
-    "sgd": lambda groups, lr, momentum: torch.optim.SGD(groups, lr=lr, momentum=momentum),
-    "lars": _lars,
-    "adamw": lambda groups, lr, momentum: torch.optim.AdamW(groups, lr=lr),
-}
+# config.OptimizerName -> timm's optimizer registry (a test holds the names equal). Ours are the
+# paper's: "sgd" is classical momentum SGD, which timm calls "momentum" (timm's "sgd" is Nesterov);
+# "lars" is timm's LARS (SGD + trust ratio); "adamw" is torch's, through timm.
+OPTIMIZERS = {"sgd": "momentum", "lars": "lars", "adamw": "adamw"}
 
 
 def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:
+    """timm's ``create_optimizer_v2`` on ready parameter groups (each carries its weight decay)."""
     if name not in OPTIMIZERS:
         raise ConfigError(f"train.optimizer: unknown '{name}'; choose from {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name](groups, lr, momentum)
+    return timm.optim.create_optimizer_v2(groups, OPTIMIZERS[name], lr=lr, momentum=momentum)
 
 
 @dataclass
@@ -229,7 +266,7 @@ def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_
     clf_opt = make_optimizer(cfg.train.optimizer, clf_groups, lr * cfg.train.classifier_lr_scale, cfg.train.momentum)
     clf_engine, _, _, _ = deepspeed.initialize(
         model=classifier, optimizer=clf_opt, config=classifier_ds_config(ds_cfg, cfg.train.classifier_grad_clip),
-        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(clf_opt, schedule), mpu=RankAloneMPU(),
+        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(clf_opt, schedule), mpu=RankAloneMPU(classifier.group),
         dist_init_required=False)
     from deepspeed.utils import groups
 
@@ -306,15 +343,14 @@ class FlatGradients:
 
     def all_reduce(self) -> None:
         """After a step's last backward: the mean over the data-parallel ranks, in place."""
-        import torch.distributed as dist
-
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        world = collectives.size()
+        if world > 1:
             if self.shared_memory:
                 with self.watchdog.guard("the backbone's gradient all-reduce"):
                     shared_memory_all_reduce_(self.flat)
             else:
-                dist.all_reduce(self.flat)
-            self.flat.div_(dist.get_world_size())
+                collectives.all_reduce_sum(self.flat)
+            self.flat.div_(world)
 
 
 def _match_norm_buffers_on_cpu(module: nn.Module) -> None:
@@ -364,8 +400,26 @@ def train_step(engines: Engines, images: torch.Tensor, ids: torch.Tensor, smooth
 def optimizer_step(engines: Engines) -> None:
     if engines.flat_grads is not None:
         engines.flat_grads.all_reduce()
-    engines.classifier.step()
+    with _groups_of(engines.classifier):
+        engines.classifier.step()
     engines.backbone.step()
+
+
+@contextlib.contextmanager
+def _groups_of(engine):
+    """DeepSpeed's global groups set to ``engine``'s mpu for the duration. Its ZeRO-0 gradient clip
+    sums the squared norm over the mpu's model-parallel group (the classifier's), then averages the
+    norm over the *global* data-parallel group (meant for MoE), which is the world once ``groups.mpu``
+    is reset for the backbone: two classifiers sharded over two halves of the world would share one
+    mean norm. With the classifier's mpu in place that group is the rank alone. ZeRO-1/2 use the
+    groups they captured at construction, so this changes nothing there."""
+    from deepspeed.utils import groups
+
+    saved, groups.mpu = groups.mpu, engine.mpu
+    try:
+        yield
+    finally:
+        groups.mpu = saved
 
 
 def backbone_only_step(engines: Engines, images: torch.Tensor) -> None:

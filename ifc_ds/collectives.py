@@ -1,0 +1,138 @@
+"""Every collective ifc_ds runs, each with its process group passed explicitly, and ``Groups``.
+
+One module so that the "world of one" case, the group argument and NCCL's device rule are handled
+once. Without an initialised process group every function acts as a world of one (tests, a single
+process), so callers never ask ``if world > 1``. ``group=None`` is the default group (the world).
+torch.distributed offers the collectives themselves; what it does not do, and is written here, is
+gathering rows of uneven, known sizes and advancing iterators of uneven length in lockstep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Groups:
+    """The process groups of a run, made once after ``init_distributed`` and handed to whatever runs
+    a collective (a 1-D ``DeviceMesh`` would do the same; DeepSpeed's engines take plain groups).
+
+    ``data``: the ranks the batch is split over and the backbone is data-parallel over (DeepSpeed's
+    data-parallel group of the backbone engine: the world). ``classifier``: the ranks the classifier
+    rows are sharded over; the softmax statistics, the classifier engine's gradient norm and its
+    checkpoint shards are all taken over it. ``None`` is the world."""
+
+    data: object = None
+    classifier: object = None
+
+
+def size(group=None) -> int:
+    """Ranks in ``group`` (1 without a process group)."""
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank_in(group=None) -> int:
+    """This process's rank within ``group`` (0 without a process group)."""
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def all_reduce_(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """In place, on whatever device ``tensor`` is: NCCL reduces only GPU tensors, so a CPU tensor
+    (a counter, a flag) goes through the current GPU and comes back."""
+    if size(group) == 1:
+        return tensor
+    if tensor.device.type == "cpu" and dist.get_backend(group) == "nccl":
+        staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(staged, op=op, group=group)
+        tensor.copy_(staged.cpu())
+    else:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    return all_reduce_(tensor, dist.ReduceOp.SUM, group)
+
+
+def all_reduce_max(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    return all_reduce_(tensor, dist.ReduceOp.MAX, group)
+
+
+def all_reduce_min(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    return all_reduce_(tensor, dist.ReduceOp.MIN, group)
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
+    """In place, ``tensor`` of the group's rank ``src`` on every rank of ``group``."""
+    if size(group) > 1:
+        dist.broadcast(tensor, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
+    return tensor
+
+
+def barrier(group=None) -> None:
+    if size(group) > 1:
+        dist.barrier(group=group)
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """``obj`` of the group's rank ``src`` on every rank of ``group`` (any picklable object)."""
+    if size(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
+    return box[0]
+
+
+def all_gather_object(obj, group=None) -> list:
+    """Every rank's ``obj`` in rank order (any picklable object)."""
+    if size(group) == 1:
+        return [obj]
+    parts = [None] * size(group)
+    dist.all_gather_object(parts, obj, group=group)
+    return parts
+
+
+def all_gather_equal(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Equally shaped tensors of every rank: ``[*S]`` -> ``[P, *S]`` in rank order."""
+    world = size(group)
+    if world == 1:
+        return tensor.unsqueeze(0)
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+def all_gather_rows(tensor: torch.Tensor, sizes: list[int], group=None) -> torch.Tensor:
+    """``[sizes[r], *S]`` tensors of every rank concatenated in rank order (uneven sizes, known to all).
+    Written here: all_gather needs equal shapes, so each rank pads to the largest."""
+    world = size(group)
+    if world == 1:
+        return tensor
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = all_gather_equal(padded, group)
+    return torch.cat([gathered[r, : sizes[r]] for r in range(world)])
+
+
+def gather_uneven(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """``[n_r, *S]`` tensors of every rank concatenated in rank order (``n_r`` may differ, unknown)."""
+    if size(group) == 1:
+        return tensor
+    sizes = all_gather_equal(torch.tensor(tensor.shape[0], device=tensor.device), group).tolist()
+    return all_gather_rows(tensor, sizes, group)
+
+
+def lockstep(iterator, device, until: str = "all", group=None):
+    """Yields ``next(iterator)`` (None once it is exhausted) in lockstep with the other ranks, whose
+    shards may differ in length: ``until="all"`` stops once every rank is done (the others get None:
+    collectives that accept empty inputs), ``"any"`` as soon as one rank is done."""
+    op = dist.ReduceOp.MIN if until == "any" else dist.ReduceOp.MAX
+    while True:
+        item = next(iterator, None)
+        flag = torch.tensor([0 if item is None else 1], device=device)
+        if not int(all_reduce_(flag, op, group).item()):
+            return
+        yield item
