@@ -187,7 +187,7 @@ def main():
     if not args.report_only:
         run_all(args, results)
     report(load(results), results, f"kNN top-1 on {args.limit:,} CIFAR-10 training rows -> 10,000 test rows "
-           f"(k=200, T=0.07), {args.ranks} ranks, {args.epochs} epochs ({budget})")
+           f"(k=200, T=0.07),\n{args.ranks} ranks, {args.epochs} epochs ({budget})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The process group's life: launcher environment (DeepSpeed, torchrun, SLURM), init with timeouts
-and DeepSpeed's shared-memory all-reduce, threads per rank, exits and watchdogs. The collectives
-themselves are in ``ifc_ds.collectives``."""
+(DeepSpeed's shared-memory all-reduce, where it applies, is set up by ``ifc_ds.engine.shared_memory``),
+threads per rank, exits and watchdogs. The collectives themselves are in ``ifc_ds.collectives``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ifc_ds.collectives import all_reduce_min, barrier, rank_in, size
+from ifc_ds.collectives import rank_in, size
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,10 @@ def init_distributed(timeout_s: float) -> None:
     no launcher variables runs as world size 1 without a process group.
 
     On a CPU node whose ranks are all local (DeepSpeed's launcher sets LOCAL_SIZE), DeepSpeed also
-    sets up its shared-memory all-reduce: see ``_init_with_shared_memory``."""
+    sets up its shared-memory all-reduce: see ``ifc_ds.engine.shared_memory``."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    global _shared_memory_ready
     map_slurm_env()
     if dist.is_initialized():
         return
@@ -85,22 +84,12 @@ def init_distributed(timeout_s: float) -> None:
                            "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port()))})
     timeout = datetime.timedelta(seconds=timeout_s)
     if get_accelerator().device_name() == "cpu" and os.environ.get("LOCAL_SIZE") == os.environ.get("WORLD_SIZE"):
-        _shared_memory_ready = _init_with_shared_memory(timeout)
+        from ifc_ds.engine import shared_memory  # (DeepSpeed's internals live behind the engine package)
+
+        shared_memory.init_process_group(timeout)
     else:
         deepspeed.init_distributed(timeout=timeout)
     set_cpu_threads()
-
-
-# DeepSpeed's shm.cpp: each rank's all-reduce workspace, a POSIX shared-memory object of 2 x 1 MiB + 2 x 32 MiB
-# (plus two state words) named deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}
-DEEPSPEED_SHM_BYTES = 2 * (1 << 20) + 2 * (32 << 20) + 8
-_shared_memory_ready = False  # set by init_distributed once that all-reduce is set up on every rank
-
-
-def _deepspeed_shm_path(global_rank: int) -> str:
-    """Where Linux keeps DeepSpeed's shared-memory object for ``global_rank`` (shm_open's /dev/shm)."""
-    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{global_rank}")
 
 
 def shared_memory_free_bytes() -> int:
@@ -109,45 +98,6 @@ def shared_memory_free_bytes() -> int:
         return 0
     stats = os.statvfs("/dev/shm")
     return stats.f_bavail * stats.f_frsize
-
-
-def _init_with_shared_memory(timeout: datetime.timedelta) -> bool:
-    """DeepSpeed's CPU backend gives every local rank a 66 MiB shared-memory workspace and never
-    unlinks it: each run leaked 66 MiB per rank of /dev/shm, i.e. of RAM (a test suite left 21 GB and
-    the node thrashed), and a rank whose peer found a stale workspace of an earlier run on the same
-    port, or could not write its own for lack of room, hung in DeepSpeed's loops that have no timeout.
-    So the process group comes first (DeepSpeed adopts it); the ranks clear their stale names and
-    agree whether /dev/shm has room for all workspaces (else DeepSpeed is told LOCAL_SIZE=0 and
-    reduces through gloo); once every rank has mapped every workspace, each unlinks its own, so
-    the memory goes with the last process even on kill -9. Returns whether the all-reduce is set up."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    dist.init_process_group(get_accelerator().communication_backend_name(), timeout=timeout)
-    me, world = dist.get_rank(), dist.get_world_size()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(_deepspeed_shm_path(me))  # a killed run's, on the same address and port
-    need = world * DEEPSPEED_SHM_BYTES
-    room = all_reduce_min(torch.tensor([shared_memory_free_bytes() > need * 1.05], dtype=torch.uint8)).item()
-    if not room:
-        if me == 0:
-            log.warning("/dev/shm has %.0f MiB free, DeepSpeed's shared-memory all-reduce needs %.0f MiB for %d "
-                        "ranks: gradients are reduced through %s", shared_memory_free_bytes() / 2**20,
-                        need / 2**20, world, dist.get_backend())
-        os.environ["LOCAL_SIZE"], local_size = "0", os.environ["LOCAL_SIZE"]  # (what shm_interface.cpp reads)
-        try:
-            deepspeed.init_distributed(timeout=timeout)
-        finally:
-            os.environ["LOCAL_SIZE"] = local_size
-        return False
-    deepspeed.init_distributed(timeout=timeout)
-    from deepspeed.comm import comm as ds_comm
-
-    ready = getattr(getattr(ds_comm, "cdb", None), "shm_comm_op", None) is not None  # (it may not have built)
-    barrier()  # every rank has opened every workspace
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(_deepspeed_shm_path(me))
-    return ready
 
 
 def free_port() -> int:
@@ -255,27 +205,3 @@ class Watchdog:
             if deadline is not None and time.monotonic() > deadline:
                 log.error("%s did not finish within dist.timeout_s=%s: %s", self._what, self.timeout_s, self.message)
                 hard_exit(self.exit_code)
-
-
-# --------------------------------------------------------------------------- shared-memory all-reduce
-def shared_memory_all_reduce_applies(tensor: torch.Tensor) -> bool:
-    """Whether DeepSpeed's shared-memory all-reduce (its CPU ``inference_all_reduce``: 16 ms against
-    gloo's 42 ms for ResNet-18's 47 MB of fp32 gradients on 2 ranks here, where gloo goes through
-    loopback TCP) can sum ``tensor`` over the world. Only where ``init_distributed`` set it up (every
-    rank of the world on this node) and its kernel reduces for real (otherwise it returns the input
-    unreduced, silently): a CPU tensor, fp32 with AVX2 or bf16/fp16 with AVX-512."""
-    if not (_shared_memory_ready and size() > 1) or tensor.device.type != "cpu":
-        return False
-    from deepspeed.comm import comm as ds_comm
-
-    if not hasattr(torch.ops.deepspeed, "inference_all_reduce_"):
-        return False
-    needed = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 2}.get(tensor.dtype)
-    return needed is not None and getattr(ds_comm.cdb, "shm_vector_kernel_level", 0) >= needed
-
-
-def shared_memory_all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
-    """In place, the sum over the world (check ``shared_memory_all_reduce_applies`` first). Every rank
-    adds the buffers in rank order, so all get bitwise the same result (for 2 ranks, gloo's). Its C++
-    spins on shared flags with no timeout, releasing the GIL: call it under a ``Watchdog``."""
-    return torch.ops.deepspeed.inference_all_reduce_(tensor)

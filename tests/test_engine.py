@@ -143,21 +143,21 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, stage):
 
 SHARED_MEMORY_SCRIPT = """
 import os, sys, time, torch, torch.distributed as dist
-from ifc_ds.dist import (EXIT_PEER_LOST, Watchdog, _deepspeed_shm_path, init_distributed,
-                         shared_memory_all_reduce_, shared_memory_all_reduce_applies)
+from ifc_ds.dist import EXIT_PEER_LOST, Watchdog, init_distributed
+from ifc_ds.engine.shared_memory import all_reduce_, all_reduce_applies, workspace_path
 init_distributed(60)
 rank, world, mode = dist.get_rank(), dist.get_world_size(), sys.argv[1]
 # every rank has mapped every workspace, and no name is left for a kill -9 to leak
 dist.barrier()
-assert not any(os.path.exists(_deepspeed_shm_path(r)) for r in range(world)), os.listdir("/dev/shm")
+assert not any(os.path.exists(workspace_path(r)) for r in range(world)), os.listdir("/dev/shm")
 x = torch.randn(3_000_001, generator=torch.Generator().manual_seed(rank))  # several of the kernel's chunks
-assert shared_memory_all_reduce_applies(x) and not shared_memory_all_reduce_applies(x.double())
+assert all_reduce_applies(x) and not all_reduce_applies(x.double())
 watchdog = Watchdog(3.0, "peer lost", EXIT_PEER_LOST)
 if mode == "hang" and rank == 1:
     time.sleep(60)  # a peer that never joins: rank 0 must not spin forever
 shm = x.clone()
 with watchdog.guard("the test all-reduce"):
-    shared_memory_all_reduce_(shm)
+    all_reduce_(shm)
 every = [torch.empty_like(x) for _ in range(world)]
 dist.all_gather(every, x)
 exact = torch.stack(every).double().sum(0)
@@ -235,15 +235,16 @@ def test_no_room_in_dev_shm_falls_back_to_the_process_group():
 def _without_room(rank, world_size, port):
     import ifc_ds.dist as ifc_dist
     from ifc_ds.collectives import all_reduce_sum
+    from ifc_ds.engine import shared_memory
 
     # (run_ranks' process group is torch's own; this test needs init_distributed to make it)
     dist.destroy_process_group()
     os.environ.update(LOCAL_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    ifc_dist.shared_memory_free_bytes = lambda: ifc_dist.DEEPSPEED_SHM_BYTES * world_size  # no 5% margin
+    ifc_dist.shared_memory_free_bytes = lambda: shared_memory.WORKSPACE_BYTES * world_size  # no 5% margin
     ifc_dist.init_distributed(60)
     assert os.environ["LOCAL_SIZE"] == str(world_size)  # restored for local_world_size()
-    assert not ifc_dist.shared_memory_all_reduce_applies(torch.ones(10))
-    assert not os.path.exists(ifc_dist._deepspeed_shm_path(rank))
+    assert not shared_memory.all_reduce_applies(torch.ones(10))
+    assert not os.path.exists(shared_memory.workspace_path(rank))
     x = torch.ones(10)
     all_reduce_sum(x)
     assert torch.equal(x, torch.full((10,), 2.0))

@@ -42,7 +42,8 @@ from torch import nn
 
 from ifc_ds import collectives
 from ifc_ds.config import Config, ConfigError
-from ifc_ds.dist import EXIT_PEER_LOST, Watchdog, shared_memory_all_reduce_, shared_memory_all_reduce_applies
+from ifc_ds.dist import EXIT_PEER_LOST, Watchdog
+from ifc_ds.engine import shared_memory
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
@@ -316,7 +317,7 @@ class FlatGradients:
     def __init__(self, module: nn.Module, timeout_s: float = 300.0, output_dir: str = "."):
         params = [p for p in module.parameters() if p.requires_grad]
         self.flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-        self.shared_memory = shared_memory_all_reduce_applies(self.flat)
+        self.shared_memory = shared_memory.all_reduce_applies(self.flat)
         self.watchdog = None
         if self.shared_memory:
             self.watchdog = Watchdog(timeout_s, "a peer rank died or a collective timed out; restart with "
@@ -347,7 +348,7 @@ class FlatGradients:
         if world > 1:
             if self.shared_memory:
                 with self.watchdog.guard("the backbone's gradient all-reduce"):
-                    shared_memory_all_reduce_(self.flat)
+                    shared_memory.all_reduce_(self.flat)
             else:
                 collectives.all_reduce_sum(self.flat)
             self.flat.div_(world)
