@@ -74,8 +74,8 @@ class _BatchLayout:
         return slice(start, start + self.sizes[self.rank])
 
 
-def _exchange_layout(batch: int, dim: int, bad_ids: torch.Tensor, expected_dim: int, group,
-                     world_size: int, rank: int, device) -> _BatchLayout:
+def _exchange_layout(batch: int, dim: int, bad_ids: torch.Tensor, expected_dim: int, group, rank: int,
+                     device) -> _BatchLayout:
     """All-gathers ``(B_local, D_local, any bad id)`` so every rank raises the same error together
     instead of one rank raising while the others wait in a collective."""
     info = torch.stack([torch.tensor(batch, device=device), torch.tensor(dim, device=device),
@@ -119,7 +119,6 @@ class _LossSpec:
     block: int  # classes scored per GEMM block
     keep_logits: bool  # True: keep exp(logits) for backward; False: recompute block by block
     group: object
-    world_size: int
     fused: bool = False  # the Triton kernels of ifc_ds.fused_loss instead of the block loops
     operand_dtype: torch.dtype = torch.float32  # fused only: GEMM operand dtype (fp32 accumulation)
 
@@ -539,8 +538,8 @@ class ShardedInstanceClassifier(nn.Module):
             raise ValueError(f"smoothing_k={smoothing_k} exceeds the {self.num_instances - 1} other classes")
         instance_ids = instance_ids.to(device=features.device, dtype=torch.int64)
         bad = ((instance_ids < 0) | (instance_ids >= self.num_instances)).any()
-        layout = _exchange_layout(features.shape[0], features.shape[1], bad, self.dim, self.group,
-                                  self.world_size, self.rank, features.device)
+        layout = _exchange_layout(features.shape[0], features.shape[1], bad, self.dim, self.group, self.rank,
+                                  features.device)
 
         fused = _use_fused(self.fused, features.device, self.dim)
         operand_dtype = _operand_dtype(features) if fused else torch.float32
@@ -557,7 +556,7 @@ class ShardedInstanceClassifier(nn.Module):
                 block=_block_size(layout.total, self.chunk_size, features.device),
                 keep_logits=(self.chunk_size is None and needs_backward and not fused
                              and not self._workspace.kept_in_use()),
-                group=self.group, world_size=self.world_size, fused=fused, operand_dtype=operand_dtype)
+                group=self.group, fused=fused, operand_dtype=operand_dtype)
             loss, accuracy = _ShardedSoftmaxCrossEntropy.apply(features_all, self.weight, ids_all, spec,
                                                                self._workspace)
         self.last_accuracy = accuracy if spec.search_k else None
@@ -575,8 +574,7 @@ class ShardedInstanceClassifier(nn.Module):
         device = self.weight.device
         instance_ids = instance_ids.to(device=device, dtype=torch.int64)
         bad = ((instance_ids < 0) | (instance_ids >= self.num_instances)).any()
-        layout = _exchange_layout(vectors.shape[0], vectors.shape[1], bad, self.dim, self.group,
-                                  self.world_size, self.rank, device)
+        layout = _exchange_layout(vectors.shape[0], vectors.shape[1], bad, self.dim, self.group, self.rank, device)
         ids_all = all_gather_rows(instance_ids, layout.sizes, self.group)
         vecs_all = all_gather_rows(F.normalize(vectors.to(device).float(), dim=1), layout.sizes, self.group)
         mine = (ids_all >= self.row_start) & (ids_all < self.row_end)
