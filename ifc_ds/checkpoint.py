@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ifc_ds.collectives import barrier
+from ifc_ds.collectives import barrier, rank_in, size
 from ifc_ds.config import Config, config_to_dict
-from ifc_ds.dist import is_main, rank, world_size
+from ifc_ds.dist import is_main
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +109,13 @@ def save_checkpoint(output_dir: str, step: int, engines, trainer_state: dict, cf
         (tmp / "trainer").mkdir(parents=True)
     barrier()
     engines.save_state(tmp)
-    torch.save(rng_state(), tmp / "trainer" / f"rank_{rank()}.pt")
+    torch.save(rng_state(), tmp / "trainer" / f"rank_{rank_in()}.pt")
     if is_main():
         torch.save(trainer_state, tmp / "trainer" / "state.pt")
     barrier()
     final = root / name
     if is_main():
-        meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size(),
+        meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": size(),
                 "num_instances": engines.num_instances, "dim": engines.dim,
                 "config": config_to_dict(cfg)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -245,17 +245,17 @@ def load_checkpoint(path: Path, engines, cfg: Config, num_instances: int) -> dic
     changes = check_compatible(meta, cfg, num_instances)
     if changes and is_main():
         log.info("resuming %s with config changes: %s", path, "; ".join(changes))
-    same_world = meta["world_size"] == world_size()
+    same_world = meta["world_size"] == size()
     state = torch.load(path / "trainer" / "state.pt", map_location="cpu", weights_only=False)
     engines.load_state(path, same_world)  # the LR schedules: the trainer sets them
-    rng_file = path / "trainer" / f"rank_{rank()}.pt"
+    rng_file = path / "trainer" / f"rank_{rank_in()}.pt"
     if same_world and rng_file.is_file():
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
     else:  # elastic resume: per-rank streams cannot carry over; derive fresh ones from the step
-        seed_everything(cfg.seed + 7919 * state["step"] + rank())
+        seed_everything(cfg.seed + 7919 * state["step"] + rank_in())
         if is_main():
             log.info("elastic resume: %d -> %d ranks; classifier rows re-sharded by global id",
-                     meta["world_size"], world_size())
+                     meta["world_size"], size())
     barrier()
     return state
 

@@ -65,10 +65,15 @@ def all_reduce_min(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return all_reduce_(tensor, dist.ReduceOp.MIN, group)
 
 
+def _global_rank(group, group_rank: int) -> int:
+    """torch.distributed names a broadcast's source by its global rank, whatever the group."""
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
 def broadcast_(tensor: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
     """In place, ``tensor`` of the group's rank ``src`` on every rank of ``group``."""
     if size(group) > 1:
-        dist.broadcast(tensor, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
+        dist.broadcast(tensor, src=_global_rank(group, src), group=group)
     return tensor
 
 
@@ -82,7 +87,7 @@ def broadcast_object(obj, src: int = 0, group=None):
     if size(group) == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
+    dist.broadcast_object_list(box, src=_global_rank(group, src), group=group)
     return box[0]
 
 

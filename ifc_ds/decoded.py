@@ -94,12 +94,12 @@ def decide(loaded, mode: str, memory_gb: float) -> tuple[int, int] | None:
 def decode_into_memory(loaded, size: tuple[int, int], num_workers: int = 0, mode: str = "auto") -> DecodedImages | None:
     """Collective: decodes every row of ``loaded`` into uint8 ``[N, 3, H, W]``, shared by the ranks of
     a node. Returns None (on every rank) if a row has another size and ``mode`` is auto."""
-    from ifc_ds.collectives import all_reduce_max, all_reduce_min, barrier, broadcast_object
-    from ifc_ds.dist import local_rank, local_world_size, rank
+    from ifc_ds.collectives import all_reduce_max, all_reduce_min, barrier, broadcast_object, rank_in
+    from ifc_ds.dist import local_rank, local_world_size
 
     n, (height, width) = loaded.num_instances, size
     shape = (n, 3, height, width)
-    token = broadcast_object(uuid.uuid4().hex if rank() == 0 else None)
+    token = broadcast_object(uuid.uuid4().hex if rank_in() == 0 else None)
     shm = _shared_memory_path(token, int(np.prod(shape)))
     # one rank without room in /dev/shm, and nobody shares: a shared file needs every local rank's part
     shared = bool(all_reduce_min(torch.tensor([shm is not None], dtype=torch.uint8)).item())

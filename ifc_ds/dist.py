@@ -109,22 +109,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank() -> int:
-    """This process's rank in the world (0 without a process group)."""
-    return rank_in()
-
-
-def world_size() -> int:
-    """Ranks in the world (1 without a process group)."""
-    return size()
-
-
 def local_world_size() -> int:
     """Ranks on this node: torchrun's LOCAL_WORLD_SIZE, DeepSpeed's LOCAL_SIZE, SLURM's tasks per node."""
     for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
         if os.environ.get(key, "").isdigit():
             return int(os.environ[key])
-    return world_size()
+    return size()
 
 
 def set_cpu_threads() -> None:
@@ -137,7 +127,8 @@ def set_cpu_threads() -> None:
 
 
 def is_main() -> bool:
-    return rank() == 0
+    """Rank 0 of the world: the one that logs and writes the shared files."""
+    return rank_in() == 0
 
 
 def device() -> torch.device:

@@ -15,21 +15,21 @@ from ifc_ds.data import LoadedDataset, ordered_batches
 
 @torch.no_grad()
 def extract_features(forward, loaded: LoadedDataset, crop, views, batch_size: int, device: torch.device,
-                     num_workers: int = 0, gather: bool = False, decoded=None):
+                     num_workers: int = 0, gather: bool = False, decoded=None, group=None):
     """``forward(images) -> [b, F]`` over this rank's share. ``crop``: the CPU half (an evaluation
     ``SampleCrop``), ``views``: the device half (``DeviceViews``); ``decoded``: the dataset decoded in
     memory, if it is. Returns (features [n, F] fp32, labels [n], ids [n]) on ``device``; with
-    ``gather=True`` every rank gets all rows (in rank order)."""
+    ``gather=True`` every rank of ``group`` gets all rows (in rank order)."""
     feats, labels, ids = [], [], []
     for batch in ordered_batches(loaded, crop, batch_size, num_workers, with_labels=True,
-                                 pin_memory=device.type == "cuda", decoded=decoded):
+                                 pin_memory=device.type == "cuda", decoded=decoded, group=group):
         out = forward(views.eval(batch_crops(batch, crop.size, device)))
         feats.append(out.float())
         labels.append(batch["labels"].to(device))
         ids.append(batch["ids"].to(device))
     feats, labels, ids = torch.cat(feats), torch.cat(labels), torch.cat(ids)
     if gather:  # on the device: NCCL gathers device tensors only
-        feats, labels, ids = gather_uneven(feats), gather_uneven(labels), gather_uneven(ids)
+        feats, labels, ids = (gather_uneven(t, group) for t in (feats, labels, ids))
     return feats, labels, ids
 
 
@@ -38,14 +38,13 @@ def raw_init_feature_pass(encoder, loaded: LoadedDataset, crop, views, device: t
     """For raw-feature init (``hooks.RawFeatureInit``): ``run(batch_size)`` yields (features [b, D] of
     the whole encoder as it is, ids [b]) over this rank's share, the same number of batches on every
     rank (a streaming shard that ends early yields empty ones)."""
-    from ifc_ds.collectives import lockstep
+    from ifc_ds.collectives import lockstep, rank_in, size
     from ifc_ds.data import make_loader
-    from ifc_ds.dist import rank, world_size
     from ifc_ds.streaming import StreamShard
 
     def run(batch_size: int):
         if loaded.stream is not None:
-            shard = StreamShard(loaded.stream, crop, rank(), world_size(), shuffle=False)
+            shard = StreamShard(loaded.stream, crop, rank_in(), size(), shuffle=False)
             batches = lockstep(iter(make_loader(shard, batch_size=batch_size)), device, until="all")
         else:
             batches = ordered_batches(loaded, crop, batch_size, num_workers, decoded=decoded)

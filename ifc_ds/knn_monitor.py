@@ -15,8 +15,10 @@ from ifc_ds.knn import knn_predict, topk_accuracy
 
 
 class KnnMonitor:
-    def __init__(self, cfg: Config, views: DeviceViews, num_workers: int):
-        self.cfg, self.views, self.num_workers = cfg, views, num_workers
+    """The bank is sharded over the ranks of ``group`` (the run's data-parallel group)."""
+
+    def __init__(self, cfg: Config, views: DeviceViews, num_workers: int, group=None):
+        self.cfg, self.views, self.num_workers, self.group = cfg, views, num_workers, group
         self.crop = eval_crop(cfg.augment, cfg.data.image_size)
         bank = load_dataset(cfg.eval.train, limit=cfg.eval.limit_train)
         if cfg.eval.test:
@@ -38,10 +40,10 @@ class KnnMonitor:
         encoder.eval()
         fwd, bs = encoder.backbone_features, self.cfg.eval.batch_size
         bank_f, bank_y, bank_ids = extract_features(fwd, self.bank, self.crop, self.views, bs, dev, self.num_workers,
-                                                    decoded=self.bank_decoded)
+                                                    decoded=self.bank_decoded, group=self.group)
         query_f, query_y, _ = extract_features(fwd, self.queries, self.crop, self.views, bs, dev, self.num_workers,
-                                               gather=True, decoded=self.queries_decoded)
+                                               gather=True, decoded=self.queries_decoded, group=self.group)
         scores = knn_predict(bank_f, bank_y, query_f, self.num_classes, self.cfg.eval.k, self.cfg.eval.temperature,
-                             bank_ids=bank_ids)
+                             bank_ids=bank_ids, group=self.group)
         encoder.train(was_training)
         return topk_accuracy(scores, query_y, ks=(1,))[1]

@@ -17,12 +17,12 @@ from ifc_ds import engine
 from ifc_ds.augment import DeviceViews, eval_crop, train_crop
 from ifc_ds.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, seed_everything
 from ifc_ds.classifier import ShardedInstanceClassifier
-from ifc_ds.collectives import Groups, all_reduce_sum
+from ifc_ds.collectives import Groups, all_reduce_sum, rank_in, size
 from ifc_ds.config import Config, save_config
 from ifc_ds.crops import batch_crops
 from ifc_ds.data import InstanceBatchSampler, MapEpochs, default_num_workers, load_dataset
 from ifc_ds.decoded import decode_as_configured
-from ifc_ds.dist import device, init_distributed, is_main, local_world_size, rank, world_size
+from ifc_ds.dist import device, init_distributed, is_main, local_world_size
 from ifc_ds.engine import accumulation_steps, build_engines, current_classifier_lr, current_lr
 from ifc_ds.features import raw_init_feature_pass
 from ifc_ds.hooks import TrainState, build_hooks, hook_names
@@ -63,8 +63,8 @@ class Trainer:
     def _init_runtime(self) -> None:
         init_distributed(self.cfg.dist.timeout_s)
         setup_logging()
-        seed_everything(self.cfg.seed + rank())
-        self.dev, self.world = device(), world_size()
+        seed_everything(self.cfg.seed + rank_in())
+        self.dev, self.world = device(), size()
         self.groups = Groups()  # the world for both: DeepSpeed's backbone engine is data-parallel over it
         if self.dev.type != "cpu":
             from deepspeed.accelerator import get_accelerator
@@ -86,10 +86,10 @@ class Trainer:
         self.decoded = decode_as_configured(self.loaded, cfg.data, self.num_workers)
         timeout = cfg.dist.timeout_s  # a stuck DataLoader worker becomes an error, not a hang
         if self.loaded.stream is not None:
-            self.epochs = StreamEpochs(self.loaded, self.crop, self.global_batch, rank(), self.world, cfg.seed,
+            self.epochs = StreamEpochs(self.loaded, self.crop, self.global_batch, rank_in(), self.world, cfg.seed,
                                        self.num_workers, dev, timeout)
         else:
-            sampler = InstanceBatchSampler(self.n, self.global_batch, rank(), self.world, cfg.seed,
+            sampler = InstanceBatchSampler(self.n, self.global_batch, rank_in(), self.world, cfg.seed,
                                            min_per_rank=2 * self.micro_batches)
             self.epochs = MapEpochs(self.loaded, sampler, self.crop, self.num_workers, dev.type == "cuda",
                                     self.decoded, timeout)
@@ -112,7 +112,8 @@ class Trainer:
                                              eval_crop(self.cfg.augment, self.cfg.data.image_size), self.views,
                                              self.dev, self.num_workers, self.decoded)
         self.hooks = build_hooks(self.cfg, feature_pass)
-        self.monitor = KnnMonitor(self.cfg, self.views, self.num_workers) if self.cfg.eval.train else None
+        self.monitor = (KnnMonitor(self.cfg, self.views, self.num_workers, self.groups.data)
+                        if self.cfg.eval.train else None)
 
     # ------------------------------------------------------------------ the run
     def train(self) -> int:

@@ -33,8 +33,7 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, weight_deca
 
     Under a process group (the same features on every rank) the weight-decay sweep is split over the
     ranks and the final fit runs on rank 0; every rank returns the same result."""
-    from ifc_ds.collectives import all_gather_object, broadcast_object
-    from ifc_ds.dist import rank, world_size
+    from ifc_ds.collectives import all_gather_object, broadcast_object, rank_in, size
 
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
@@ -42,14 +41,14 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, weight_deca
     n_val = max(1, int(len(train_x) * val_fraction))
     val_idx, fit_idx = perm[:n_val], perm[n_val:]
     mine = {}
-    for wd in list(weight_decays)[rank()::world_size()]:
+    for wd in list(weight_decays)[rank_in()::size()]:
         model = _fit(train_x[fit_idx], train_y[fit_idx], num_classes, wd, max_iter)
         with torch.no_grad():
             mine[wd] = topk_accuracy(model(train_x[val_idx]), train_y[val_idx], ks=(1,))[1]
     sweep = {wd: acc for part in all_gather_object(mine) for wd, acc in part.items()}
     best = max(sweep, key=lambda wd: (sweep[wd], -wd))
     result = None
-    if rank() == 0:
+    if rank_in() == 0:
         model = _fit(train_x, train_y, num_classes, best, max_iter)
         with torch.no_grad():
             acc = topk_accuracy(model(test_x), test_y, ks=(1, min(5, num_classes)))

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from ifc_ds.augment import DeviceViews, train_crop
-from ifc_ds.collectives import all_reduce_sum, broadcast_
+from ifc_ds.collectives import all_reduce_sum, broadcast_, rank_in, size
 from ifc_ds.config import AugmentConfig
 from ifc_ds.crops import batch_crops
 from ifc_ds.data import InstanceBatchSampler, InstanceDataset, make_loader
-from ifc_ds.dist import is_main, rank, world_size
+from ifc_ds.dist import is_main
 
 log = logging.getLogger("ifc_ds.eval")
 
@@ -52,14 +52,14 @@ def finetune(backbone: torch.nn.Module, num_features: int, train, num_classes: i
     torch.manual_seed(seed)
     model = torch.nn.Sequential(copy.deepcopy(backbone), torch.nn.Linear(num_features, num_classes)).to(device)
     trained = model
-    if world_size() > 1:
+    if size() > 1:
         trained = torch.nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's weights
     # the training data path: uint8 random crops on the CPU, the rest of the view batched on the device
     crop = train_crop(AugmentConfig(), image_size, seed)
     views = DeviceViews(AugmentConfig(), image_size, mean, std, seed)
     dataset = InstanceDataset(subset, crop, with_labels=True)
     # a seeded reshuffle per epoch; every labelled row once per epoch; >= 2 rows per rank (batch norm)
-    sampler = InstanceBatchSampler(len(rows), min(batch_size, len(rows)), rank(), world_size(), seed=seed)
+    sampler = InstanceBatchSampler(len(rows), min(batch_size, len(rows)), rank_in(), size(), seed=seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * len(sampler)))
     model.train()
@@ -76,10 +76,10 @@ def finetune(backbone: torch.nn.Module, num_features: int, train, num_classes: i
             sched.step()
         if loss is None:
             raise ValueError(f"semi-supervised {fraction:.0%}: no labelled batch to fine-tune on ({len(rows)} "
-                             f"labelled rows over {world_size()} ranks)")
+                             f"labelled rows over {size()} ranks)")
         if is_main():
             log.info("semi %g%%: epoch %d/%d, last loss %.3f", 100 * fraction, epoch + 1, epochs, loss.item())
-    if world_size() > 1:  # each rank's last forward updated its own batch-norm statistics: keep rank 0's
+    if size() > 1:  # each rank's last forward updated its own batch-norm statistics: keep rank 0's
         for buffer in model.buffers():
             broadcast_(buffer, src=0)
     return model.eval()

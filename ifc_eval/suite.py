@@ -24,13 +24,14 @@ import torch
 
 from ifc_ds.augment import DeviceViews, eval_crop
 from ifc_ds.checkpoint import CheckpointError, content_key, read_checkpoint
+from ifc_ds.collectives import rank_in, size
 from ifc_ds.config import AugmentConfig, ConfigError, ModelConfig, apply_mapping, parse_overrides
 from ifc_ds.crops import batch_crops
 from ifc_ds.data import (
     load_dataset,
     ordered_batches,
 )
-from ifc_ds.dist import device, init_distributed, is_main, rank, world_size
+from ifc_ds.dist import device, init_distributed, is_main
 from ifc_ds.features import extract_features
 from ifc_ds.knn import knn_predict, topk_accuracy
 from ifc_ds.model import InstanceEncoder, data_config, read_export
@@ -186,7 +187,7 @@ def _cached_features(cand: Candidate, spec: str, limit, cfg: EvalSuiteConfig, de
     loaded = load_dataset(spec, limit=limit)
     mean, std = cand.mean_std()
     key = hashlib.sha1(f"{cand.key}|{spec}|{limit}|{cand.image_size}|{cfg.features}".encode()).hexdigest()[:16]
-    cache = Path(cfg.output_dir) / "features" / f"{key}.{split}.rank{rank()}of{world_size()}.pt"
+    cache = Path(cfg.output_dir) / "features" / f"{key}.{split}.rank{rank_in()}of{size()}.pt"
     if cfg.cache and cache.is_file():
         saved = torch.load(cache, weights_only=False)
         if "ids" in saved:  # caches written before ids were kept are recomputed

@@ -33,6 +33,9 @@ SlurmctldHost=$host
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# cred_expire also holds a requeued job back before it may start again (120 s by default, most of the
+# requeue test's time); 30 s still leaves a loaded 2-core node time to launch a step on its credential
+AuthInfo=cred_expire=30
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool
 SlurmctldPidFile=$dir/slurmctld.pid

@@ -1,4 +1,10 @@
-"""Spawns real gloo process groups for multi-rank tests (CPU, one thread per rank)."""
+"""Starts real gloo process groups for multi-rank tests (CPU, one thread per rank).
+
+Ranks fork from one forkserver that imports torch, DeepSpeed, timm and datasets once for the whole
+session (``PRELOAD``): a freshly spawned rank imported them all again, which was most of a multi-rank
+test's time on two cores. Each rank then takes the caller's environment, as a spawned rank would (a
+test sets e.g. ``TRITON_INTERPRET`` before it starts ranks); modules that read the environment when
+imported (``ifc_ds.fused_loss``) are therefore not preloaded."""
 
 from __future__ import annotations
 
@@ -14,8 +20,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
+# the heavy imports of a rank; also every module ifc_ds's own DataLoader forkserver preloads
+# (ifc_ds.workers.WORKER_MODULES), in case a test's process starts that server through this one
+PRELOAD = ["torch", "numpy", "PIL.Image", "datasets", "timm", "deepspeed", "ifc_ds.engine", "ifc_ds.trainer",
+           "ifc_ds.crops", "ifc_ds.data", "ifc_ds.decoded", "ifc_ds.streaming", "tests._dist"]
 
-def _entry(rank: int, world_size: int, tmp: str, fn, args) -> None:
+
+def _entry(rank: int, world_size: int, tmp: str, environ: dict, fn, args) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
     torch.set_num_threads(1)
     # a rank started by a launcher (deepspeed, torchrun, srun) forks its DataLoader workers; a rank
     # started by mp.spawn would spawn them (seconds of imports each)
@@ -40,9 +53,10 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 600) -> None:
     its peers fail too ("connection closed"); the root cause is reported first. Ranks still running
     after ``timeout_s`` (or when the test is interrupted) are killed and the test fails: a hung rank
     must not hang the suite."""
+    multiprocessing.set_forkserver_preload(PRELOAD)  # (no effect once the server runs)
     with tempfile.TemporaryDirectory() as tmp:
-        context = mp.start_processes(_entry, args=(world_size, tmp, fn, args), nprocs=world_size, join=False,
-                                     start_method="spawn")
+        context = mp.start_processes(_entry, args=(world_size, tmp, dict(os.environ), fn, args), nprocs=world_size,
+                                     join=False, start_method="forkserver")
         deadline = time.monotonic() + timeout_s
         try:
             while not context.join(timeout=1):

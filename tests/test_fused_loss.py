@@ -3,9 +3,9 @@ single-process reference as tests/test_classifier.py (full weight + F.cross_entr
 
 Without a GPU the kernels run in Triton's interpreter. ``TRITON_INTERPRET=1`` must be set before the
 kernels are defined (``@triton.jit`` reads it when ``ifc_ds.fused_loss`` is imported), and must not
-leak into other tests (a CUDA test would be interpreted): so every interpreter case runs in spawned
-ranks (``tests._dist.run_ranks``, gloo, world size 1 or 2) that inherit it from a monkeypatched
-environment, and this process never imports ``ifc_ds.fused_loss``.
+leak into other tests (a CUDA test would be interpreted): so every interpreter case runs in ranks of
+its own (``tests._dist.run_ranks``, gloo, world size 1 or 2) that take this process's monkeypatched
+environment before they import ``ifc_ds.fused_loss``, and this process never imports it.
 
 Under the interpreter ``tl.dot`` is right for fp32 and fp16 operands but not for bf16, so the bf16
 kernels are checked by the CUDA-only tests at the end.
@@ -35,7 +35,7 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 
 
 def _interpreted(monkeypatch, fn, world_size, *args):
-    """Runs ``fn(rank, world_size, *args)`` on spawned ranks with the Triton interpreter on."""
+    """Runs ``fn(rank, world_size, *args)`` on fresh ranks with the Triton interpreter on."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     run_ranks(fn, world_size, *args)
 

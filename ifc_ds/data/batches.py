@@ -114,13 +114,14 @@ def make_loader(dataset, batch_sampler=None, batch_size: int | None = None, num_
 
 
 def ordered_batches(loaded: LoadedDataset, crop, batch_size: int, num_workers: int = 0, with_labels: bool = False,
-                    pin_memory: bool = False, decoded=None):
-    """This rank's share of a map-style dataset in order (no shuffle): the same number of batches on
-    every rank (collective-safe), from memory when ``decoded`` is given, else decoded by workers."""
-    from ifc_ds.dist import rank, world_size
+                    pin_memory: bool = False, decoded=None, group=None):
+    """This rank's share of a map-style dataset in order (no shuffle), split over the ranks of ``group``:
+    the same number of batches on every rank (collective-safe), from memory when ``decoded`` is given,
+    else decoded by workers."""
+    from ifc_ds.collectives import rank_in, size
 
-    world = world_size()
-    sampler = InstanceBatchSampler(loaded.num_instances, batch_size * world, rank(), world, shuffle=False)
+    world = size(group)
+    sampler = InstanceBatchSampler(loaded.num_instances, batch_size * world, rank_in(group), world, shuffle=False)
     if decoded is not None:
         return memory_batches(decoded, sampler, crop, loaded.labels() if with_labels else None)
     dataset = InstanceDataset(loaded, crop, with_labels=with_labels)

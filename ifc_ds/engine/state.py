@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from ifc_ds.checkpoint import CheckpointError
-from ifc_ds.dist import is_main, world_size
+from ifc_ds.collectives import size
+from ifc_ds.dist import is_main
 from ifc_ds.engine.zero_elastic import restore_zero_partitions
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def load_engines(engines, folder: Path, same_world: bool) -> None:
         saved_dp = restore_zero_partitions(backbone, folder / "engine" / _TAG)
         if is_main():
             log.info("elastic resume under ZeRO-%d: backbone optimizer state re-partitioned from %d to %d ranks",
-                     backbone.zero_optimization_stage(), saved_dp, world_size())
+                     backbone.zero_optimization_stage(), saved_dp, size())
     load_classifier_rows(engines.classifier, folder / "classifier")
 
 
