@@ -250,6 +250,27 @@ def _without_room(rank, world_size, port):
     assert torch.equal(x, torch.full((10,), 2.0))
 
 
+def test_deepspeed_builds_its_op_with_the_environments_ninja(monkeypatch):
+    """Whatever PATH a rank starts with, DeepSpeed's JIT build finds this environment's ninja. Before,
+    a rank started as ``.venv/bin/python`` found the system's, an sbatch job the environment's; their
+    build logs differ in version, so each rebuilt the op after the other (~40 s a start, 4 times in a
+    suite run)."""
+    import shutil
+    import sys
+
+    from ifc_ds.engine import shared_memory
+
+    env_bin = os.path.dirname(sys.executable)
+    if not os.access(os.path.join(env_bin, "ninja"), os.X_OK):
+        pytest.skip("no ninja in this Python environment")
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin"] + [
+        d for d in os.environ["PATH"].split(os.pathsep) if d != env_bin]))
+    shared_memory.prefer_environment_ninja()
+    assert shutil.which("ninja") == os.path.join(env_bin, "ninja")
+    shared_memory.prefer_environment_ninja()
+    assert os.environ["PATH"].split(os.pathsep).count(env_bin) == 1
+
+
 def _one_rank_hangs(rank, world_size):
     import time
 

@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,18 @@ def workspace_path(global_rank: int) -> str:
             f"{os.environ.get('MASTER_PORT', '')}_{global_rank}")
 
 
+def prefer_environment_ninja() -> None:
+    """Puts this interpreter's bin folder first on PATH when a ``ninja`` is there (DeepSpeed depends on
+    the ninja package, so it is). DeepSpeed JIT-builds its op with whichever ninja PATH finds first, and
+    two ninja versions keep incompatible build logs: a rank started as ``.venv/bin/python train.py``
+    (the system's ninja) and one started in an activated environment or by ``slurm/pretrain.sbatch``
+    (the environment's) each rebuilt the op from scratch after the other, ~40 s per start here."""
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.access(os.path.join(bin_dir, "ninja"), os.X_OK) and path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + os.pathsep + path
+
+
 def init_process_group(timeout: datetime.timedelta) -> None:
     """DeepSpeed's CPU backend gives every local rank a 66 MiB shared-memory workspace and never
     unlinks it: each run leaked 66 MiB per rank of /dev/shm, i.e. of RAM (a test suite left 21 GB and
@@ -45,6 +58,7 @@ def init_process_group(timeout: datetime.timedelta) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    prefer_environment_ninja()  # before DeepSpeed builds its op
     dist.init_process_group(get_accelerator().communication_backend_name(), timeout=timeout)
     _ready = False
     me, world = dist.get_rank(), dist.get_world_size()
