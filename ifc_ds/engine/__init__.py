@@ -265,6 +265,7 @@ def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_
         p.tensor_model_parallel = True
     clf_groups = [{"params": list(classifier.parameters()), "weight_decay": cfg.train.classifier_weight_decay}]
     clf_opt = make_optimizer(cfg.train.optimizer, clf_groups, lr * cfg.train.classifier_lr_scale, cfg.train.momentum)
+    shared_memory.prefer_environment_ninja()  # deepspeed.initialize builds its op where init_distributed did not
     clf_engine, _, _, _ = deepspeed.initialize(
         model=classifier, optimizer=clf_opt, config=classifier_ds_config(ds_cfg, cfg.train.classifier_grad_clip),
         lr_scheduler=torch.optim.lr_scheduler.LambdaLR(clf_opt, schedule), mpu=RankAloneMPU(classifier.group),
