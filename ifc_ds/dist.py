@@ -83,9 +83,10 @@ def init_distributed(timeout_s: float) -> None:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port()))})
     timeout = datetime.timedelta(seconds=timeout_s)
-    if get_accelerator().device_name() == "cpu" and os.environ.get("LOCAL_SIZE") == os.environ.get("WORLD_SIZE"):
-        from ifc_ds.engine import shared_memory  # (DeepSpeed's internals live behind the engine package)
+    from ifc_ds.engine import shared_memory  # (DeepSpeed's internals live behind the engine package)
 
+    shared_memory.prefer_environment_ninja()  # both branches may have DeepSpeed build its op
+    if get_accelerator().device_name() == "cpu" and os.environ.get("LOCAL_SIZE") == os.environ.get("WORLD_SIZE"):
         shared_memory.init_process_group(timeout)
     else:
         deepspeed.init_distributed(timeout=timeout)

@@ -38,8 +38,9 @@ def prefer_environment_ninja() -> None:
     two ninja versions keep incompatible build logs: a rank started as ``.venv/bin/python train.py``
     (the system's ninja) and one started in an activated environment or by ``slurm/pretrain.sbatch``
     (the environment's) each rebuilt the op from scratch after the other, ~40 s per start here. Called
-    wherever DeepSpeed may build it: ``init_process_group`` and ``build_engines`` (deepspeed.initialize
-    sets up DeepSpeed's comm on a process group made elsewhere, e.g. by a test)."""
+    wherever DeepSpeed may build it: ``ifc_ds.dist.init_distributed`` (both of its branches: a single
+    process without a launcher goes straight to deepspeed.init_distributed) and ``build_engines``
+    (deepspeed.initialize sets up DeepSpeed's comm on a process group made elsewhere, e.g. by a test)."""
     bin_dir = os.path.dirname(sys.executable)
     path = os.environ.get("PATH", "")
     if os.access(os.path.join(bin_dir, "ninja"), os.X_OK) and path.split(os.pathsep)[0] != bin_dir:
