@@ -20,10 +20,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
-# the heavy imports of a rank; also every module ifc_ds's own DataLoader forkserver preloads
-# (ifc_ds.workers.WORKER_MODULES), in case a test's process starts that server through this one
-PRELOAD = ["torch", "numpy", "PIL.Image", "datasets", "timm", "deepspeed", "ifc_ds.engine", "ifc_ds.trainer",
-           "ifc_ds.crops", "ifc_ds.data", "ifc_ds.decoded", "ifc_ds.streaming", "tests._dist"]
+from ifc_ds.workers import WORKER_MODULES
+
+# the heavy imports of a rank, over every module ifc_ds's own DataLoader forkserver preloads (in case
+# a test's process starts that server through this one; "__main__" there is the launching script)
+PRELOAD = [m for m in WORKER_MODULES if m != "__main__"] + ["timm", "deepspeed", "ifc_ds.engine", "ifc_ds.trainer",
+                                                             "tests._dist"]
 
 
 def _entry(rank: int, world_size: int, tmp: str, environ: dict, fn, args) -> None:
@@ -31,7 +33,7 @@ def _entry(rank: int, world_size: int, tmp: str, environ: dict, fn, args) -> Non
     os.environ.update(environ)
     torch.set_num_threads(1)
     # a rank started by a launcher (deepspeed, torchrun, srun) forks its DataLoader workers; a rank
-    # started by mp.spawn would spawn them (seconds of imports each)
+    # started by mp.spawn or a forkserver would start them that way
     multiprocessing.set_start_method("fork", force=True)
     # what a launcher sets (DeepSpeed's engine checks LOCAL_RANK)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))

@@ -38,8 +38,8 @@ def prefer_environment_ninja() -> None:
     two ninja versions keep incompatible build logs: a rank started as ``.venv/bin/python train.py``
     (the system's ninja) and one started in an activated environment or by ``slurm/pretrain.sbatch``
     (the environment's) each rebuilt the op from scratch after the other, ~40 s per start here. Called
-    wherever DeepSpeed may build it: ``ifc_ds.dist.init_distributed`` (both of its branches: a single
-    process without a launcher goes straight to deepspeed.init_distributed) and ``build_engines``
+    wherever DeepSpeed may build it: ``ifc_ds.dist.init_distributed``, before either of its branches
+    (``init_process_group`` here, or straight to deepspeed.init_distributed), and ``build_engines``
     (deepspeed.initialize sets up DeepSpeed's comm on a process group made elsewhere, e.g. by a test)."""
     bin_dir = os.path.dirname(sys.executable)
     path = os.environ.get("PATH", "")
@@ -61,7 +61,6 @@ def init_process_group(timeout: datetime.timedelta) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    prefer_environment_ninja()  # before DeepSpeed builds its op
     dist.init_process_group(get_accelerator().communication_backend_name(), timeout=timeout)
     _ready = False
     me, world = dist.get_rank(), dist.get_world_size()
