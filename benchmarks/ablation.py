@@ -114,32 +114,42 @@ def load(results: Path) -> dict:
     return runs
 
 
+def _mean_range(vals: list[float]) -> str:
+    if not vals:
+        return ""
+    return f"{statistics.mean(vals):.2f}" + (f" ({min(vals):.2f}-{max(vals):.2f})" if len(vals) > 1 else "")
+
+
+def _versus(variant: str, vals: list[float], recipe: list[float]) -> str:
+    """The variant's mean minus the recipe's, judged against the recipe's seed-to-seed range: a
+    difference inside that range is 'no measurable effect', never a gain or a loss."""
+    spread = max(recipe) - min(recipe) if len(recipe) > 1 else None
+    if variant == RECIPE:
+        return f"seed range {spread:.2f}" if spread is not None else ""
+    if not vals or not recipe:
+        return ""
+    diff = statistics.mean(vals) - statistics.mean(recipe)
+    if spread is None:
+        return f"{diff:+.2f} (one recipe seed: no spread yet)"
+    return f"{diff:+.2f}" + (" no measurable effect" if abs(diff) <= spread else "")
+
+
 def report(runs: dict, results: Path, title: str) -> None:
     if not runs:
         print(f"no runs in {results}")
         return
     order = [v for v in VARIANTS if v in runs]
-    finals = {v: [100 * e["knn_top1"] for _, e, _, _ in runs[v]] for v in order}
-    base = finals.get(RECIPE, [])
-    spread = max(base) - min(base) if len(base) > 1 else None
+    knn = {v: [100 * e["knn_top1"] for _, e, _, _ in runs[v]] for v in order}
+    lin = {v: [100 * lj["linear_top1"] for _, _, lj, _ in runs[v] if lj] for v in order}
     print(f"{title}\n")
-    print("| variant | seeds | final kNN top-1 %: mean (min-max) | vs recipe (points) | linear top-1 % | img/s |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | seeds | final kNN top-1 %: mean (min-max) | vs recipe (points) | linear top-1 %: mean (min-max) "
+          "| vs recipe (points) | img/s (median logged; separate runs, the machine drifts) |")
+    print("|---|---|---|---|---|---|---|")
     for v in order:
-        vals = finals[v]
-        cell = f"{statistics.mean(vals):.2f}" + (f" ({min(vals):.2f}-{max(vals):.2f})" if len(vals) > 1 else "")
-        if v == RECIPE or not base:
-            delta = f"seed range {spread:.2f}" if v == RECIPE and spread is not None else ""
-        else:
-            diff = statistics.mean(vals) - statistics.mean(base)
-            verdict = ("no measurable effect" if spread is not None and abs(diff) <= spread
-                       else "" if spread is not None else "(one recipe seed: no spread yet)")
-            delta = f"{diff:+.2f} {verdict}".strip()
-        lin = [100 * lj["linear_top1"] for _, _, lj, _ in runs[v] if lj]
-        lin_cell = f"{statistics.mean(lin):.2f} ({len(lin)})" if lin else ""
         rates = [r["median_images_per_s"] for *_, r in runs[v] if r.get("median_images_per_s")]
-        print(f"| {v} | {','.join(str(s) for s, *_ in runs[v])} | {cell} | {delta} | {lin_cell} | "
-              f"{statistics.median(rates) if rates else ''} |")
+        print(f"| {v} | {','.join(str(s) for s, *_ in runs[v])} | {_mean_range(knn[v])} | "
+              f"{_versus(v, knn[v], knn.get(RECIPE, []))} | {_mean_range(lin[v])} | "
+              f"{_versus(v, lin[v], lin.get(RECIPE, []))} | {statistics.median(rates) if rates else ''} |")
     plot(runs, order, results / "knn_curves.png", title)
 
 
@@ -152,10 +162,12 @@ def plot(runs: dict, order: list[str], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, v in enumerate(order):
         color = f"C{i}"
+        seeds = len(runs[v])
         for n, (_, ev, _, _) in enumerate(runs[v]):
             xs = [h["epoch"] for h in ev["history"]]
             ax.plot(xs, [100 * h["knn_top1"] for h in ev["history"]], color=color, marker="o", markersize=3,
-                    label=f"{v} ({len(runs[v])} seeds)" if n == 0 else None, alpha=0.9 if n == 0 else 0.5)
+                    label=f"{v} ({seeds} seed{'s' if seeds > 1 else ''})" if n == 0 else None,
+                    alpha=0.9 if n == 0 else 0.5)
     ax.set_xlabel("epoch")
     ax.set_ylabel("kNN top-1 (%)")
     ax.set_title(title, fontsize=9)
