@@ -14,8 +14,9 @@ A run already in ``--results`` is never repeated, so the study can be spread ove
 the same command resumes it. The numbers are comparable across machines because a run is bitwise
 reproducible from its seed (the wall time is not: run.json keeps the images/s next to it).
 
-Then it prints one table (final kNN mean and range over seeds, the difference to the recipe against
-the recipe's seed-to-seed range, linear top-1) and writes one PNG with every variant's kNN curve.
+Then it prints one table (final kNN and linear top-1: mean and range over seeds, and each one's
+difference to the recipe judged against the recipe's seed-to-seed range) and writes one PNG with
+every variant's kNN curve.
 ``--report-only`` prints what is there without training.
 """
 
