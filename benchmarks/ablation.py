@@ -150,7 +150,7 @@ def report(runs: dict, results: Path, title: str) -> None:
         rates = [r["median_images_per_s"] for *_, r in runs[v] if r.get("median_images_per_s")]
         print(f"| {v} | {','.join(str(s) for s, *_ in runs[v])} | {_mean_range(knn[v])} | "
               f"{_versus(v, knn[v], knn.get(RECIPE, []))} | {_mean_range(lin[v])} | "
-              f"{_versus(v, lin[v], lin.get(RECIPE, []))} | {statistics.median(rates) if rates else ''} |")
+              f"{_versus(v, lin[v], lin.get(RECIPE, []))} | {f'{statistics.median(rates):.0f}' if rates else ''} |")
     plot(runs, order, results / "knn_curves.png", title)
 
 

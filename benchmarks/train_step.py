@@ -2,10 +2,13 @@
 
 * encoder alone: plain torch, ResNet-18 32x32 + head, fwd + bwd + SGD, channels-last weights and
   inputs, on a batch already in memory (no DeepSpeed, no classifier);
+* encoder alone, the slower rank of each step: the same times, the larger of the ranks' per step:
+  a synchronised step waits for the slower rank, so no data-parallel step of these processes can beat it;
 * backbone engine only: the same through the DeepSpeed engine (gradient all-reduce included) with a
   trivial loss;
 * with classifier: the trainer's step (``ifc_ds.engine.train_step`` + ``optimizer_step``) on batches
-  already in memory: both engines, the sharded classifier, N = 50,000;
+  already in memory: both engines, the sharded classifier, N = 50,000; with ``--smoothing-k K`` also
+  the same step with hard-label smoothing over the top K negatives;
 * end to end (``--end-to-end``): ``train.py`` itself on CIFAR-10 (``configs/cifar10.yaml``: data path,
   device views, hooks, logging), its steady-state images/s from ``metrics.jsonl``.
 
@@ -13,6 +16,7 @@
     python benchmarks/train_step.py --end-to-end --cifar ../shared/data/cifar10/train.parquet
     python benchmarks/train_step.py --profile                         # where a trainer step's time goes
     python benchmarks/train_step.py --instances 1000000 --chunk 32768
+    python benchmarks/train_step.py --instances 10000 --smoothing-k 5   # what smoothing adds to a step
 
 All rows run in the same invocation, one after the other, with nothing else on the cores.
 """
@@ -65,9 +69,9 @@ def _worker(rank, world, port, args, out):
     classifier = ShardedInstanceClassifier(args.instances, cfg.model.dim, 0.1, chunk_size=args.chunk)
     engines = build_engines(cfg, InstanceEncoder(cfg.model, 32), classifier, steps_per_epoch=100, world_size=world)
 
-    def with_classifier():
+    def with_classifier(smoothing_k=0, smoothing_eps=0.0):
         ids = torch.randint(0, args.instances, (args.batch,), generator=gen)
-        train_step(engines, images, ids, 0, 0.0)
+        train_step(engines, images, ids, smoothing_k, smoothing_eps)
         optimizer_step(engines)
 
     def backbone_only():
@@ -75,6 +79,9 @@ def _worker(rank, world, port, args, out):
 
     steps = [("encoder alone", encoder_alone), ("backbone engine only", backbone_only),
              ("with classifier", with_classifier)]
+    if args.smoothing_k:  # what hard-label smoothing adds: the top-K search and its sparse targets
+        steps.append((f"with classifier, smoothing K={args.smoothing_k} eps={args.smoothing_eps}",
+                      lambda: with_classifier(args.smoothing_k, args.smoothing_eps)))
     if args.end_to_end:
         fed = _data_path_step(args, cfg, engines, rank, world)
         if engines.flat_grads is not None and engines.flat_grads.shared_memory:
@@ -86,7 +93,7 @@ def _worker(rank, world, port, args, out):
             steps.append((GLOO_ROW, fed_through_gloo))
         steps.append((FED_ROW, fed))
     if args.profile:
-        _profile(rank, steps[-1][1], out)
+        _profile(rank, dict([steps[0], steps[-1]]), out)
         dist.destroy_process_group()
         return
     results = {}
@@ -99,13 +106,16 @@ def _worker(rank, world, port, args, out):
             t0 = time.perf_counter()
             step()
             results.setdefault(name, []).append(time.perf_counter() - t0)
+    every_rank = [None] * world
+    dist.all_gather_object(every_rank, results)
     if rank == 0:
-        torch.save(results, out)
+        torch.save(every_rank, out)
     dist.destroy_process_group()
 
 
 FED_ROW = "with classifier + data path (CIFAR-10 in memory, device views)"
-GLOO_ROW = "the same, gradient all-reduce through gloo instead of shared memory"
+SLOWER_ROW = "encoder alone, the slower rank of each step"
+GLOO_ROW = "with classifier + data path, gradient all-reduce through gloo instead of shared memory"
 
 
 def _data_path_step(args, cfg, engines, rank, world):
@@ -139,18 +149,39 @@ def _data_path_step(args, cfg, engines, rank, world):
     return step
 
 
-def _profile(rank, step, out):
-    """Self CPU time per op over 6 trainer steps, grouped: what a step spends beyond the encoder."""
+def _profile(rank, steps, out):
+    """Self CPU time per op over 6 steps of the encoder alone and 6 of the trainer step (``steps``:
+    name -> step), profiled one after the other on every rank: the difference per op names what the
+    trainer step spends beyond the encoder (a collective's self time includes the wait for the
+    slower rank)."""
     from torch.profiler import ProfilerActivity, profile
 
-    for _ in range(2):
-        step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(6):
+    per_step = {}
+    for name, step in steps.items():
+        for _ in range(2):
             step()
+        dist.barrier()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(6):
+                step()
+        per_step[name] = {e.key: (e.self_cpu_time_total / 6e3, e.count / 6) for e in prof.key_averages()}
     if rank == 0:
-        rows = [(e.key, e.self_cpu_time_total / 6e3, e.count / 6) for e in prof.key_averages()]
-        torch.save(sorted(rows, key=lambda r: -r[1]), out)
+        torch.save(per_step, out)
+
+
+def _print_profile(per_step: dict) -> None:
+    (alone_name, alone), (step_name, trainer) = per_step.items()
+    total_alone = sum(ms for ms, _ in alone.values())
+    total = sum(ms for ms, _ in trainer.values())
+    print(f"rank 0, self CPU ms per step: {alone_name} {total_alone:.0f} ms, {step_name} {total:.0f} ms; "
+          f"the 20 ops whose time differs most:\n")
+    print("| op | encoder alone ms/step | trainer step ms/step | difference | calls/step (trainer) |")
+    print("|---|---|---|---|---|")
+    keys = sorted(set(alone) | set(trainer),
+                  key=lambda k: -abs(trainer.get(k, (0, 0))[0] - alone.get(k, (0, 0))[0]))
+    for key in keys[:20]:
+        a, t = alone.get(key, (0.0, 0))[0], trainer.get(key, (0.0, 0))
+        print(f"| {key} | {a:.1f} | {t[0]:.1f} | {t[0] - a:+.1f} | {t[1]:g} |")
 
 
 def end_to_end(args) -> float:
@@ -183,6 +214,9 @@ def main():
     parser.add_argument("--cifar", default=str(REPO.parent / "shared" / "data" / "cifar10" / "train.parquet"))
     parser.add_argument("--e2e-steps", type=int, default=60)
     parser.add_argument("--profile", action="store_true", help="profile the trainer step instead")
+    parser.add_argument("--smoothing-k", type=int, default=0,
+                        help="also a row with hard-label smoothing over the top K negatives (the recipe: 5)")
+    parser.add_argument("--smoothing-eps", type=float, default=0.1)
     args = parser.parse_args()
     e2e = end_to_end(args) if args.end_to_end and not args.profile else None
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,14 +224,16 @@ def main():
         mp.spawn(_worker, args=(args.ranks, free_port(), args, out), nprocs=args.ranks)
         results = torch.load(out)
     if args.profile:
-        total = sum(ms for _, ms, _ in results)
-        print(f"rank 0, self CPU ms per trainer step (total {total:.0f} ms), top 20 ops:\n")
-        print("| op | ms/step | share | calls/step |\n|---|---|---|---|")
-        for key, ms, calls in results[:20]:
-            print(f"| {key} | {ms:.1f} | {ms / total:.1%} | {calls:g} |")
+        _print_profile(results)
         return
     print(f"{args.ranks} ranks x 1 thread, {args.model} 32x32, {args.batch} images/rank, N={args.instances:,}, "
           f"{args.steps} timed steps each, interleaved step by step\n")
+    every_rank, results = results, results[0]  # the rows are rank 0's times, as before
+    # A synchronised step waits for the slower rank; the encoder alone does not. Its per-step maximum
+    # over the ranks is the fastest any data-parallel step of these processes could be.
+    slower = [max(times) for times in zip(*(r["encoder alone"] for r in every_rank))]
+    results = {"encoder alone": results["encoder alone"], SLOWER_ROW: slower,
+               **{k: v for k, v in results.items() if k != "encoder alone"}}
     base = statistics.median(results["with classifier"])
     alone = statistics.median(results["encoder alone"])
     print("| step | ms median (min-max) | images/s per rank | x with classifier |")
@@ -212,6 +248,8 @@ def main():
         fed = statistics.median(results[FED_ROW])
         print(f"\nwith the data path / trainer step on batches in memory: {base / fed:.3f} (target >= 0.95)")
         print(f"with the data path / encoder step alone, channels-last weights: {alone / fed:.3f} (target >= 0.85)")
+        print(f"with the data path / encoder step alone on the slower rank of each step: "
+              f"{statistics.median(slower) / fed:.3f}")
         print(f"train.py end to end / trainer step on batches in memory: {e2e / (args.batch / base):.3f}; / encoder "
               f"alone: {e2e / (args.batch / alone):.3f}")
 

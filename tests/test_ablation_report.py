@@ -37,6 +37,8 @@ def test_the_table_states_differences_against_the_recipes_seed_range(ablation, t
     for seed, (knn, lin) in enumerate([(0.50, 0.55), (0.51, 0.555), (0.52, 0.56)]):
         _kept_run(tmp_path, ablation, ablation.RECIPE, seed, knn, lin, rate=400 + seed)
     _kept_run(tmp_path, ablation, "no smoothing", 0, 0.525, 0.54, rate=500)         # +1.50 kNN, -1.50 linear
+    _kept_run(tmp_path, ablation, "K=1 eps=0.2", 0, 0.49, None, rate=441)
+    _kept_run(tmp_path, ablation, "K=1 eps=0.2", 1, 0.49, None, rate=444)            # median img/s 442.5
     _kept_run(tmp_path, ablation, "no raw-feature init", 0, 0.48, None, rate=450)   # -3.00 kNN, no probe
     ablation.report(ablation.load(tmp_path), tmp_path, "title")
     rows = _rows(capsys.readouterr().out)
@@ -45,7 +47,8 @@ def test_the_table_states_differences_against_the_recipes_seed_range(ablation, t
                               "seed range 1.00", "401"]
     assert rows["no smoothing"] == ["0", "52.50", "+1.50 no measurable effect", "54.00", "-1.50", "500"]
     assert rows["no raw-feature init"] == ["0", "48.00", "-3.00", "", "", "450"]
-    assert list(rows) == ["recipe", "no smoothing", "no raw-feature init"]   # the study's order, not the disk's
+    assert rows["K=1 eps=0.2"][-1] == "442"   # a median of two runs' rates is printed as a whole number
+    assert list(rows) == ["recipe", "no smoothing", "no raw-feature init", "K=1 eps=0.2"]   # the study's order
     assert (tmp_path / "knn_curves.png").stat().st_size > 0
 
 
