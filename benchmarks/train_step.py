@@ -108,8 +108,12 @@ def _worker(rank, world, port, args, out):
             results.setdefault(name, []).append(time.perf_counter() - t0)
     every_rank = [None] * world
     dist.all_gather_object(every_rank, results)
-    if rank == 0:
-        torch.save(every_rank, out)
+    if rank == 0:  # the rows are rank 0's times, and one row from every rank's:
+        # a synchronised step waits for the slower rank; the encoder alone does not. Its per-step maximum
+        # over the ranks is the fastest any data-parallel step of these processes could be.
+        slower = [max(times) for times in zip(*(r["encoder alone"] for r in every_rank))]
+        alone = {"encoder alone": results.pop("encoder alone"), SLOWER_ROW: slower}
+        torch.save({**alone, **results}, out)
     dist.destroy_process_group()
 
 
@@ -228,12 +232,6 @@ def main():
         return
     print(f"{args.ranks} ranks x 1 thread, {args.model} 32x32, {args.batch} images/rank, N={args.instances:,}, "
           f"{args.steps} timed steps each, interleaved step by step\n")
-    every_rank, results = results, results[0]  # the rows are rank 0's times, as before
-    # A synchronised step waits for the slower rank; the encoder alone does not. Its per-step maximum
-    # over the ranks is the fastest any data-parallel step of these processes could be.
-    slower = [max(times) for times in zip(*(r["encoder alone"] for r in every_rank))]
-    results = {"encoder alone": results["encoder alone"], SLOWER_ROW: slower,
-               **{k: v for k, v in results.items() if k != "encoder alone"}}
     base = statistics.median(results["with classifier"])
     alone = statistics.median(results["encoder alone"])
     print("| step | ms median (min-max) | images/s per rank | x with classifier |")
@@ -249,7 +247,7 @@ def main():
         print(f"\nwith the data path / trainer step on batches in memory: {base / fed:.3f} (target >= 0.95)")
         print(f"with the data path / encoder step alone, channels-last weights: {alone / fed:.3f} (target >= 0.85)")
         print(f"with the data path / encoder step alone on the slower rank of each step: "
-              f"{statistics.median(slower) / fed:.3f}")
+              f"{statistics.median(results[SLOWER_ROW]) / fed:.3f}")
         print(f"train.py end to end / trainer step on batches in memory: {e2e / (args.batch / base):.3f}; / encoder "
               f"alone: {e2e / (args.batch / alone):.3f}")
 
