@@ -1,4 +1,5 @@
-"""The training step, from the encoder alone to the whole trainer, on 2 gloo ranks (1 thread each):
+"""The training step, from the encoder alone to the whole trainer, on ``--ranks`` gloo ranks (2) of
+``--threads`` threads each (1):
 
 * encoder alone: plain torch, ResNet-18 32x32 + head, fwd + bwd + SGD, channels-last weights and
   inputs, on a batch already in memory (no DeepSpeed, no classifier);
@@ -9,14 +10,19 @@
 * with classifier: the trainer's step (``ifc_ds.engine.train_step`` + ``optimizer_step``) on batches
   already in memory: both engines, the sharded classifier, N = 50,000; with ``--smoothing-k K`` also
   the same step with hard-label smoothing over the top K negatives;
-* end to end (``--end-to-end``): ``train.py`` itself on CIFAR-10 (``configs/cifar10.yaml``: data path,
-  device views, hooks, logging), its steady-state images/s from ``metrics.jsonl``.
+* with ``--end-to-end``: the trainer's step fed by its real data path (CIFAR-10 decoded in memory,
+  batched crops, device views), the same through gloo's all-reduce, and ``train.py`` itself on
+  CIFAR-10 (``configs/cifar10.yaml``: data path, device views, hooks, logging), its steady-state
+  images/s from ``metrics.jsonl``; then the fed step and the encoder alone phase by phase on every
+  rank (wall time of the data path, each engine's forward, backward and step, the gradient buffer's
+  zeroing and all-reduce), which names what the fed step spends beyond the encoder alone.
 
     python benchmarks/train_step.py                                   # the step table
     python benchmarks/train_step.py --end-to-end --cifar ../shared/data/cifar10/train.parquet
     python benchmarks/train_step.py --profile                         # where a trainer step's time goes
     python benchmarks/train_step.py --instances 1000000 --chunk 32768
     python benchmarks/train_step.py --instances 10000 --smoothing-k 5   # what smoothing adds to a step
+    python benchmarks/train_step.py --ranks 1 --instances 10000 --end-to-end   # the same without synchronisation
 
 All rows run in the same invocation, one after the other, with nothing else on the cores.
 """
@@ -31,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,11 +54,78 @@ from ifc_ds.engine import backbone_only_step, build_engines, optimizer_step, tra
 from ifc_ds.model import InstanceEncoder  # noqa: E402
 
 
+class PhaseClock:
+    """Wall time per phase of a step, on this rank: wraps methods of the engines and the data path in
+    place, so the trainer's own code runs unchanged and is timed from outside. Only steps run under
+    ``timing(row)`` are recorded; a phase that includes a collective includes the wait for the slower
+    rank."""
+
+    def __init__(self):
+        self.active: dict | None = None
+        self.rows: dict[str, list[dict]] = {}
+
+    def wrap(self, obj, attr: str, phase: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*args, **kwargs):
+            if self.active is None:
+                return fn(*args, **kwargs)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(phase, time.perf_counter() - t0)
+
+        setattr(obj, attr, timed)
+
+    def add(self, phase: str, seconds: float) -> None:
+        if self.active is not None:
+            self.active[phase] = self.active.get(phase, 0.0) + seconds
+
+    @contextmanager
+    def timing(self, row: str):
+        self.active, t0 = {}, time.perf_counter()
+        try:
+            yield
+        finally:
+            self.active[TOTAL] = time.perf_counter() - t0
+            self.rows.setdefault(row, []).append(self.active)
+            self.active = None
+
+
+# the phases of a step, in order (the encoder alone has forward, backward and its optimizer step)
+DATA, ZEROED, BB_FWD, CLF_FWD, CLF_BWD, BB_BWD, ALL_REDUCE, CLF_STEP, BB_STEP, TOTAL = (
+    "data: next batch, crops, device views", "gradient buffer zeroed", "backbone forward",
+    "classifier forward (feature all-gather, softmax all-reduces)",
+    "classifier backward (feature-gradient all-reduce)", "backbone backward (encoder alone: with zero_grad)",
+    "backbone gradient all-reduce + divide (with any wait for the slower rank)", "classifier optimizer step",
+    "backbone optimizer step", "whole step")
+REST = "the rest (engine and Python between the phases)"
+PHASES = (DATA, ZEROED, BB_FWD, CLF_FWD, CLF_BWD, BB_BWD, ALL_REDUCE, CLF_STEP, BB_STEP, REST, TOTAL)
+
+
+def _time_phases(clock: PhaseClock, engines) -> None:
+    clock.wrap(engines.backbone, "forward", BB_FWD)
+    clock.wrap(engines.backbone, "backward", BB_BWD)
+    clock.wrap(engines.backbone, "step", BB_STEP)
+    clock.wrap(engines.classifier, "forward", CLF_FWD)
+    clock.wrap(engines.classifier, "backward", CLF_BWD)
+    clock.wrap(engines.classifier, "step", CLF_STEP)
+    if engines.flat_grads is not None:
+        clock.wrap(engines.flat_grads, "attach", ZEROED)
+        clock.wrap(engines.flat_grads, "all_reduce", ALL_REDUCE)
+
+
+def rank_environment(rank: int, world: int, port: int, threads: int) -> dict[str, str]:
+    """What DeepSpeed's launcher sets for a rank (LOCAL_SIZE lets the backbone's gradient all-reduce use
+    shared memory), and OMP_NUM_THREADS: without it ``init_distributed`` gives each rank its share of
+    the cores (both cores to a single rank), whatever the row says."""
+    return dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+
+
 def _worker(rank, world, port, args, out):
-    # what DeepSpeed's launcher sets: LOCAL_SIZE lets the backbone's gradient all-reduce use shared memory
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    os.environ.update(rank_environment(rank, world, port, args.threads))
     init_distributed(600)
     cfg = load_config(None, [f"model.name={args.model}", f"train.batch_size={args.batch}"])
     gen = torch.Generator().manual_seed(rank)
@@ -60,14 +134,23 @@ def _worker(rank, world, port, args, out):
     alone = InstanceEncoder(cfg.model, 32).to(memory_format=torch.channels_last)
     alone_opt = torch.optim.SGD(alone.parameters(), lr=0.01, momentum=0.9)
 
+    clock = PhaseClock()
+
     def encoder_alone():
+        t0 = time.perf_counter()
         loss = alone(images).square().mean()
+        t1 = time.perf_counter()
         alone_opt.zero_grad()
         loss.backward()
+        t2 = time.perf_counter()
         alone_opt.step()
+        clock.add(BB_FWD, t1 - t0)
+        clock.add(BB_BWD, t2 - t1)
+        clock.add(BB_STEP, time.perf_counter() - t2)
 
     classifier = ShardedInstanceClassifier(args.instances, cfg.model.dim, 0.1, chunk_size=args.chunk)
     engines = build_engines(cfg, InstanceEncoder(cfg.model, 32), classifier, steps_per_epoch=100, world_size=world)
+    _time_phases(clock, engines)
 
     def with_classifier(smoothing_k=0, smoothing_eps=0.0):
         ids = torch.randint(0, args.instances, (args.batch,), generator=gen)
@@ -83,7 +166,7 @@ def _worker(rank, world, port, args, out):
         steps.append((f"with classifier, smoothing K={args.smoothing_k} eps={args.smoothing_eps}",
                       lambda: with_classifier(args.smoothing_k, args.smoothing_eps)))
     if args.end_to_end:
-        fed = _data_path_step(args, cfg, engines, rank, world)
+        fed = _data_path_step(args, cfg, engines, rank, world, clock)
         if engines.flat_grads is not None and engines.flat_grads.shared_memory:
             def fed_through_gloo():  # the same, with the gradient all-reduce of gloo instead of shared memory
                 engines.flat_grads.shared_memory = False
@@ -104,16 +187,19 @@ def _worker(rank, world, port, args, out):
         for name, step in steps:
             dist.barrier()
             t0 = time.perf_counter()
-            step()
+            with clock.timing(name):
+                step()
             results.setdefault(name, []).append(time.perf_counter() - t0)
     every_rank = [None] * world
     dist.all_gather_object(every_rank, results)
+    phases = [None] * world
+    dist.all_gather_object(phases, {row: clock.rows.get(row) for row in ("encoder alone", FED_ROW)})
     if rank == 0:  # the rows are rank 0's times, and one row from every rank's:
         # a synchronised step waits for the slower rank; the encoder alone does not. Its per-step maximum
         # over the ranks is the fastest any data-parallel step of these processes could be.
         slower = [max(times) for times in zip(*(r["encoder alone"] for r in every_rank))]
         alone = {"encoder alone": results.pop("encoder alone"), SLOWER_ROW: slower}
-        torch.save({**alone, **results}, out)
+        torch.save({"rows": {**alone, **results}, "phases": phases}, out)
     dist.destroy_process_group()
 
 
@@ -122,7 +208,7 @@ SLOWER_ROW = "encoder alone, the slower rank of each step"
 GLOO_ROW = "with classifier + data path, gradient all-reduce through gloo instead of shared memory"
 
 
-def _data_path_step(args, cfg, engines, rank, world):
+def _data_path_step(args, cfg, engines, rank, world, clock: PhaseClock):
     """The trainer's step fed by its real data path: CIFAR-10 decoded into memory once, a batch of this
     rank's ids per step, batched crops and device views, as ``ifc_ds.trainer`` runs them."""
     from ifc_ds.augment import DeviceViews, train_crop
@@ -140,6 +226,7 @@ def _data_path_step(args, cfg, engines, rank, world):
     device = torch.device("cpu")
 
     def step():
+        t0 = time.perf_counter()
         item = next(state["batches"], None)
         if item is None:
             state["epoch"] += 1
@@ -147,6 +234,7 @@ def _data_path_step(args, cfg, engines, rank, world):
             item = next(state["batches"])
         _, _, batch = item
         images = views.train(batch_crops(batch, 32, device), batch["ids"], state["epoch"])
+        clock.add(DATA, time.perf_counter() - t0)
         train_step(engines, images, batch["ids"], 0, 0.0)
         optimizer_step(engines)
 
@@ -188,22 +276,27 @@ def _print_profile(per_step: dict) -> None:
         print(f"| {key} | {a:.1f} | {t[0]:.1f} | {t[0] - a:+.1f} | {t[1]:g} |")
 
 
+def train_command(args, out: str) -> tuple[list[str], dict[str, str]]:
+    """``train.py`` on the CIFAR recipe with the benchmark's ranks, threads per rank, batch and N."""
+    overrides = [f"data.train=parquet:{args.cifar}", f"data.limit={args.instances}", "eval.train=null",
+                 f"train.batch_size={args.batch}", f"train.max_steps={args.e2e_steps}", "train.log_every=5",
+                 "checkpoint.every_epochs=0", "log.progress=false", "hooks.raw_init.enabled=false",
+                 f"output_dir={out}", f"model.name={args.model}"]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks), str(REPO / "train.py"),
+           "--config", str(REPO / "configs" / "cifar10.yaml"), *overrides]
+    return cmd, dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
+
+
 def end_to_end(args) -> float:
-    """Steady-state images/s per rank of ``train.py`` on CIFAR-10 (2 ranks), from metrics.jsonl."""
+    """Steady-state images/s per rank of ``train.py`` on CIFAR-10 (``--ranks`` ranks), from metrics.jsonl."""
     with tempfile.TemporaryDirectory() as out:
-        common = [f"data.train=parquet:{args.cifar}", f"data.limit={args.instances}", "eval.train=null",
-                  f"train.batch_size={args.batch}", f"train.max_steps={args.e2e_steps}", "train.log_every=5",
-                  "checkpoint.every_epochs=0", "log.progress=false", "hooks.raw_init.enabled=false",
-                  f"output_dir={out}", f"model.name={args.model}"]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", str(REPO / "train.py"),
-               "--config", str(REPO / "configs" / "cifar10.yaml"), *common]
+        cmd, env = train_command(args, out)
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     steady = [r["images_per_sec"] for r in rows[2:]]  # the first intervals include start-up and warm-up
-    return statistics.median(steady) / 2
+    return statistics.median(steady) / args.ranks
 
 
 def main():
@@ -214,6 +307,7 @@ def main():
     parser.add_argument("--chunk", type=int, default=None)
     parser.add_argument("--steps", type=int, default=16, help="timed steps per row (interleaved)")
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="per rank, in every row and in train.py")
     parser.add_argument("--end-to-end", action="store_true", help="also run train.py on CIFAR-10")
     parser.add_argument("--cifar", default=str(REPO.parent / "shared" / "data" / "cifar10" / "train.parquet"))
     parser.add_argument("--e2e-steps", type=int, default=60)
@@ -226,12 +320,14 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.pt")
         mp.spawn(_worker, args=(args.ranks, free_port(), args, out), nprocs=args.ranks)
-        results = torch.load(out)
+        saved = torch.load(out)
     if args.profile:
-        _print_profile(results)
+        _print_profile(saved)
         return
-    print(f"{args.ranks} ranks x 1 thread, {args.model} 32x32, {args.batch} images/rank, N={args.instances:,}, "
-          f"{args.steps} timed steps each, interleaved step by step\n")
+    results = saved["rows"]
+    ranks, threads = f"{args.ranks} rank{'s' * (args.ranks != 1)}", f"{args.threads} thread{'s' * (args.threads != 1)}"
+    print(f"{ranks} x {threads}, {args.model} 32x32, {args.batch} images/rank, "
+          f"N={args.instances:,}, {args.steps} timed steps each, interleaved step by step\n")
     base = statistics.median(results["with classifier"])
     alone = statistics.median(results["encoder alone"])
     print("| step | ms median (min-max) | images/s per rank | x with classifier |")
@@ -250,6 +346,29 @@ def main():
               f"{statistics.median(results[SLOWER_ROW]) / fed:.3f}")
         print(f"train.py end to end / trainer step on batches in memory: {e2e / (args.batch / base):.3f}; / encoder "
               f"alone: {e2e / (args.batch / alone):.3f}")
+        _print_phases(saved["phases"])
+
+
+def _phase_medians(steps: list[dict]) -> dict[str, float]:
+    """Median ms per phase over the steps; "the rest" is the step's time outside every named phase."""
+    for step in steps:
+        step[REST] = step[TOTAL] - sum(v for k, v in step.items() if k != TOTAL)
+    return {phase: 1e3 * statistics.median(step.get(phase, 0.0) for step in steps) for phase in PHASES}
+
+
+def _print_phases(phases: list[dict]) -> None:
+    """The fed step and the encoder alone, phase by phase, on every rank (wall clock, same run)."""
+    alone = [_phase_medians(rank["encoder alone"]) for rank in phases]
+    fed = [_phase_medians(rank[FED_ROW]) for rank in phases]
+    ranks = range(len(phases))
+    print("\nwall ms per phase, median over the timed steps, per rank (the fed step is the row above):\n")
+    print("| phase | " + " | ".join(f"encoder alone, rank {r}" for r in ranks) + " | "
+          + " | ".join(f"fed step, rank {r}" for r in ranks) + " | fed - alone, mean of ranks |")
+    print("|---|" + "---|" * (2 * len(phases) + 1))
+    for phase in PHASES:
+        diff = statistics.mean(f[phase] - a[phase] for a, f in zip(alone, fed))
+        print(f"| {phase} | " + " | ".join(f"{a[phase]:.1f}" for a in alone) + " | "
+              + " | ".join(f"{f[phase]:.1f}" for f in fed) + f" | {diff:+.1f} |")
 
 
 if __name__ == "__main__":
