@@ -11,7 +11,8 @@
   already in memory: both engines, the sharded classifier, N = 50,000; with ``--smoothing-k K`` also
   the same step with hard-label smoothing over the top K negatives;
 * with ``--end-to-end``: the trainer's step fed by its real data path (CIFAR-10 decoded in memory,
-  batched crops, device views), the same through gloo's all-reduce, and ``train.py`` itself on
+  batched crops, device views), the same with the gradients averaged through DeepSpeed's
+  shared-memory all-reduce and through gloo's instead of the node-shared buffers, ``train.py`` itself on
   CIFAR-10 (``configs/cifar10.yaml``: data path, device views, hooks, logging), its steady-state
   images/s from ``metrics.jsonl``; then the fed step and the encoder alone phase by phase on every
   rank (wall time of the data path, each engine's forward, backward and step, the gradient buffer's
@@ -167,13 +168,14 @@ def _worker(rank, world, port, args, out):
                       lambda: with_classifier(args.smoothing_k, args.smoothing_eps)))
     if args.end_to_end:
         fed = _data_path_step(args, cfg, engines, rank, world, clock)
-        if engines.flat_grads is not None and engines.flat_grads.shared_memory:
-            def fed_through_gloo():  # the same, with the gradient all-reduce of gloo instead of shared memory
-                engines.flat_grads.shared_memory = False
-                fed()
-                engines.flat_grads.shared_memory = True
-
-            steps.append((GLOO_ROW, fed_through_gloo))
+        flat = engines.flat_grads
+        if flat is not None and world > 1:  # the same step with the gradients averaged the other ways
+            other_ways = [(flat.PROCESS_GROUP, GLOO_ROW)]
+            if flat.watchdog is not None:  # DeepSpeed's shared-memory all-reduce is set up
+                other_ways.insert(0, (flat.DEEPSPEED_SHM, DEEPSPEED_ROW))
+            for mode, row in other_ways:
+                if mode != flat.mode:
+                    steps.append((row, _averaged_through(flat, mode, fed)))
         steps.append((FED_ROW, fed))
     if args.profile:
         _profile(rank, dict([steps[0], steps[-1]]), out)
@@ -193,7 +195,7 @@ def _worker(rank, world, port, args, out):
     every_rank = [None] * world
     dist.all_gather_object(every_rank, results)
     phases = [None] * world
-    dist.all_gather_object(phases, {row: clock.rows.get(row) for row in ("encoder alone", FED_ROW)})
+    dist.all_gather_object(phases, clock.rows)
     if rank == 0:  # the rows are rank 0's times, and one row from every rank's:
         # a synchronised step waits for the slower rank; the encoder alone does not. Its per-step maximum
         # over the ranks is the fastest any data-parallel step of these processes could be.
@@ -205,7 +207,20 @@ def _worker(rank, world, port, args, out):
 
 FED_ROW = "with classifier + data path (CIFAR-10 in memory, device views)"
 SLOWER_ROW = "encoder alone, the slower rank of each step"
-GLOO_ROW = "with classifier + data path, gradient all-reduce through gloo instead of shared memory"
+GLOO_ROW = "with classifier + data path, gradients averaged through gloo's all-reduce"
+DEEPSPEED_ROW = "with classifier + data path, gradients averaged through DeepSpeed's shared-memory all-reduce"
+
+
+def _averaged_through(flat, mode: str, step):
+    """``step`` with the backbone's gradients averaged through ``mode`` (a ``FlatGradients`` mode)."""
+    def run():
+        default, flat.mode = flat.mode, mode
+        try:
+            step()
+        finally:
+            flat.mode = default
+
+    return run
 
 
 def _data_path_step(args, cfg, engines, rank, world, clock: PhaseClock):
@@ -347,13 +362,25 @@ def main():
         print(f"train.py end to end / trainer step on batches in memory: {e2e / (args.batch / base):.3f}; / encoder "
               f"alone: {e2e / (args.batch / alone):.3f}")
         _print_phases(saved["phases"])
+        _print_averages(saved["phases"])
 
 
 def _phase_medians(steps: list[dict]) -> dict[str, float]:
     """Median ms per phase over the steps; "the rest" is the step's time outside every named phase."""
-    for step in steps:
-        step[REST] = step[TOTAL] - sum(v for k, v in step.items() if k != TOTAL)
+    steps = [{**step, REST: step[TOTAL] - sum(v for k, v in step.items() if k not in (TOTAL, REST))} for step in steps]
     return {phase: 1e3 * statistics.median(step.get(phase, 0.0) for step in steps) for phase in PHASES}
+
+
+def _print_averages(phases: list[dict]) -> None:
+    """The backbone's gradient average alone, each way it can run, from the same interleaved steps."""
+    ways = [(FED_ROW, "node-shared buffers (the trainer's)"), (DEEPSPEED_ROW, "DeepSpeed's shared-memory all-reduce"),
+            (GLOO_ROW, "gloo's all-reduce")]
+    parts = []
+    for row, name in ways:
+        if all(rank.get(row) for rank in phases):
+            ms = statistics.mean(_phase_medians(rank[row])[ALL_REDUCE] for rank in phases)
+            parts.append(f"{name} {ms:.1f} ms")
+    print("\nthe backbone's gradient average + divide per step (median, mean of ranks): " + "; ".join(parts))
 
 
 def _print_phases(phases: list[dict]) -> None:

@@ -44,6 +44,7 @@ from ifc_ds import collectives
 from ifc_ds.config import Config, ConfigError
 from ifc_ds.dist import EXIT_PEER_LOST, Watchdog
 from ifc_ds.engine import shared_memory
+from ifc_ds.engine.node_buffers import NodeBuffers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
@@ -290,7 +291,7 @@ def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_
             # parameter's data in place, so the optimizer keeps its references
             bb_engine.module.to(memory_format=torch.channels_last)
         flat_grads = FlatGradients(bb_engine.module, cfg.dist.timeout_s, cfg.output_dir)
-        bb_engine.enable_backward_allreduce = False  # FlatGradients reduces, in place
+        bb_engine.enable_backward_allreduce = False  # FlatGradients averages, in place
     return Engines(backbone=bb_engine, classifier=clf_engine, base_lr=lr, schedule=plan,
                    accumulation_steps=ds_cfg["gradient_accumulation_steps"],
                    classifier_lr_scale=cfg.train.classifier_lr_scale, flat_grads=flat_grads)
@@ -311,21 +312,30 @@ class FlatGradients:
     ~120 ms of copies around a ~40 ms all-reduce, see benchmarks/README.md). Here each parameter's
     ``.grad`` is a view of one persistent flat buffer (in the parameter's own memory format, so
     channels-last weights get channels-last gradients), autograd accumulates into it in place, and
-    the buffer is all-reduced in place, like DDP's ``gradient_as_bucket_view``. Where all ranks share
-    one node's memory, the all-reduce is DeepSpeed's shared-memory one (2.6x gloo's here), guarded by
-    a watchdog of ``timeout_s`` since it has no timeout of its own."""
+    the buffer is averaged in place, like DDP's ``gradient_as_bucket_view``. How (``mode``):
+
+    * ``NODE_BUFFERS``: every rank on one CPU node: the buffers of all ranks are rows of one
+      shared-memory mapping (``node_buffers.NodeBuffers``), averaged where they lie;
+    * ``DEEPSPEED_SHM``: DeepSpeed's shared-memory all-reduce (where the node-shared mapping could not
+      be made), under a watchdog of ``timeout_s`` since it has no timeout of its own;
+    * ``PROCESS_GROUP``: torch.distributed's all-reduce (several nodes, or a GPU)."""
+
+    NODE_BUFFERS, DEEPSPEED_SHM, PROCESS_GROUP = "node-shared buffers", "DeepSpeed's shared memory", "process group"
 
     def __init__(self, module: nn.Module, timeout_s: float = 300.0, output_dir: str = "."):
         params = [p for p in module.parameters() if p.requires_grad]
-        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-        self.shared_memory = shared_memory.all_reduce_applies(self.flat)
+        numel, dtype, device = sum(p.numel() for p in params), params[0].dtype, params[0].device
+        self.node = NodeBuffers.create(numel, dtype) if device.type == "cpu" else None  # (collective)
+        self.flat = self.node.own if self.node is not None else torch.zeros(numel, dtype=dtype, device=device)
         self.watchdog = None
-        if self.shared_memory:
+        if shared_memory.all_reduce_applies(self.flat):
             self.watchdog = Watchdog(timeout_s, "a peer rank died or a collective timed out; restart with "
                                      f"resume=auto to continue from the last complete checkpoint in "
                                      f"{output_dir}/checkpoints", EXIT_PEER_LOST)
-            log.info("backbone gradients: DeepSpeed's shared-memory all-reduce (all %d ranks on this node)",
-                     torch.distributed.get_world_size())
+        self.mode = (self.NODE_BUFFERS if self.node is not None else
+                     self.DEEPSPEED_SHM if self.watchdog is not None else self.PROCESS_GROUP)
+        if collectives.size() > 1:
+            log.info("backbone gradients: averaged through %s (%d ranks)", self.mode, collectives.size())
         self.views, offset = [], 0
         for p in params:
             chunk = self.flat[offset:offset + p.numel()]
@@ -346,13 +356,17 @@ class FlatGradients:
     def all_reduce(self) -> None:
         """After a step's last backward: the mean over the data-parallel ranks, in place."""
         world = collectives.size()
-        if world > 1:
-            if self.shared_memory:
-                with self.watchdog.guard("the backbone's gradient all-reduce"):
-                    shared_memory.all_reduce_(self.flat)
-            else:
-                collectives.all_reduce_sum(self.flat)
-            self.flat.div_(world)
+        if world == 1:
+            return
+        if self.mode == self.NODE_BUFFERS:
+            self.node.average_()
+            return
+        if self.mode == self.DEEPSPEED_SHM:
+            with self.watchdog.guard("the backbone's gradient all-reduce"):
+                shared_memory.all_reduce_(self.flat)
+        else:
+            collectives.all_reduce_sum(self.flat)
+        self.flat.div_(world)
 
 
 def _match_norm_buffers_on_cpu(module: nn.Module) -> None:

@@ -1,0 +1,105 @@
+"""ifc_ds.engine.node_buffers on real gloo ranks: the average of the rows every rank maps, against the
+ranks' rows gathered and summed in rank order; the fallbacks when the ranks cannot share."""
+
+import glob
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests._dist import run_ranks
+
+NUMEL = 1003  # not a multiple of the ranks nor of the 16-element alignment: uneven slices, a short last one
+
+
+def _rows_of_every_rank(own: torch.Tensor, world: int) -> list[torch.Tensor]:
+    rows = [torch.empty_like(own) for _ in range(world)]
+    dist.all_gather(rows, own.clone())
+    return rows
+
+
+def _average(rank, world):
+    from ifc_ds.engine.node_buffers import NodeBuffers
+
+    buffers = NodeBuffers.create(NUMEL, torch.float32)
+    assert buffers is not None and buffers.own.shape == (NUMEL,) and not buffers.own.any()  # zeroed
+    assert not glob.glob("/dev/shm/ifc_ds-grads-*")  # unlinked once mapped: the memory goes with the ranks
+    gen = torch.Generator().manual_seed(rank)
+    for step in range(2):  # the buffers are reused step after step, as the gradient buffer is
+        buffers.own.zero_()
+        buffers.own.add_(torch.randn(NUMEL, generator=gen) * 10 ** step)
+        rows = _rows_of_every_rank(buffers.own, world)
+        expected = rows[0] + rows[1]
+        for row in rows[2:]:
+            expected = expected + row
+        expected = expected / world
+        if world == 2:  # bitwise gloo's sum divided by 2, what the trainer used before
+            gloo = buffers.own.clone()
+            dist.all_reduce(gloo)
+            assert torch.equal(expected, gloo / 2)
+        buffers.average_()
+        assert torch.equal(buffers.own, expected), (step, (buffers.own - expected).abs().max())
+        assert all(torch.equal(row, expected) for row in _rows_of_every_rank(buffers.own, world))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_gets_the_mean_in_rank_order(world):
+    run_ranks(_average, world)
+
+
+def _no_room_on_one_rank(rank, world):
+    import ifc_ds.dist as ifc_dist
+    from ifc_ds.engine.node_buffers import NodeBuffers
+
+    if rank == 1:
+        ifc_dist.shared_memory_free_bytes = lambda: 0
+    assert NodeBuffers.create(NUMEL, torch.float32) is None  # on every rank, not only the one without room
+    assert not glob.glob("/dev/shm/ifc_ds-grads-*")
+
+
+def _another_node(rank, world):
+    """A rank on another node does not find rank 0's file in its own /dev/shm."""
+    from ifc_ds.engine import node_buffers
+
+    if rank == 1:
+        def missing(path, **kwargs):
+            raise FileNotFoundError(path)
+
+        node_buffers.np.memmap = missing
+    assert node_buffers.NodeBuffers.create(NUMEL, torch.float32) is None
+    assert not glob.glob("/dev/shm/ifc_ds-grads-*")
+
+
+@pytest.mark.parametrize("case", [_no_room_on_one_rank, _another_node], ids=["no_room", "another_node"])
+def test_ranks_that_cannot_share_all_go_without(case):
+    run_ranks(case, 2)
+
+
+def _flat_gradients(rank, world):
+    """The backbone's gradient buffer lives in the node-shared rows: after a backward and the average,
+    each parameter's .grad (channels-last ones included) is the mean of the ranks' gradients."""
+    from ifc_ds.engine import FlatGradients
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 6, 6))
+    model.to(memory_format=torch.channels_last)
+    flat = FlatGradients(model)
+    assert flat.mode == FlatGradients.NODE_BUFFERS and flat.flat.data_ptr() == flat.node.own.data_ptr()
+    x = torch.randn(5, 3, 6, 6, generator=torch.Generator().manual_seed(rank))
+    model(x).square().sum().backward()  # the reference: this rank's own gradients
+    mine = [p.grad.clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = None
+    flat.attach()
+    model(x).square().sum().backward()
+    assert model[0].weight.grad.is_contiguous(memory_format=torch.channels_last)
+    flat.all_reduce()
+    for own, p in zip(mine, model.parameters()):
+        every = _rows_of_every_rank(own, world)
+        assert torch.equal(p.grad, (every[0] + every[1]) / 2)
+
+
+def test_flat_gradients_average_in_the_node_buffers():
+    run_ranks(_flat_gradients, 2)
