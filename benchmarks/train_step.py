@@ -128,6 +128,7 @@ def rank_environment(rank: int, world: int, port: int, threads: int) -> dict[str
 def _worker(rank, world, port, args, out):
     os.environ.update(rank_environment(rank, world, port, args.threads))
     init_distributed(600)
+    torch.set_num_threads(args.threads)  # (init_distributed leaves it so too: OMP_NUM_THREADS is set)
     cfg = load_config(None, [f"model.name={args.model}", f"train.batch_size={args.batch}"])
     gen = torch.Generator().manual_seed(rank)
     images = torch.randn(args.batch, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
@@ -201,7 +202,8 @@ def _worker(rank, world, port, args, out):
         # over the ranks is the fastest any data-parallel step of these processes could be.
         slower = [max(times) for times in zip(*(r["encoder alone"] for r in every_rank))]
         alone = {"encoder alone": results.pop("encoder alone"), SLOWER_ROW: slower}
-        torch.save({"rows": {**alone, **results}, "phases": phases}, out)
+        mode = engines.flat_grads.mode if engines.flat_grads is not None else None
+        torch.save({"rows": {**alone, **results}, "phases": phases, "average": mode if world > 1 else None}, out)
     dist.destroy_process_group()
 
 
@@ -362,7 +364,8 @@ def main():
         print(f"train.py end to end / trainer step on batches in memory: {e2e / (args.batch / base):.3f}; / encoder "
               f"alone: {e2e / (args.batch / alone):.3f}")
         _print_phases(saved["phases"])
-        _print_averages(saved["phases"])
+        if saved["average"]:
+            _print_averages(saved["phases"], saved["average"])
 
 
 def _phase_medians(steps: list[dict]) -> dict[str, float]:
@@ -371,9 +374,10 @@ def _phase_medians(steps: list[dict]) -> dict[str, float]:
     return {phase: 1e3 * statistics.median(step.get(phase, 0.0) for step in steps) for phase in PHASES}
 
 
-def _print_averages(phases: list[dict]) -> None:
-    """The backbone's gradient average alone, each way it can run, from the same interleaved steps."""
-    ways = [(FED_ROW, "node-shared buffers (the trainer's)"), (DEEPSPEED_ROW, "DeepSpeed's shared-memory all-reduce"),
+def _print_averages(phases: list[dict], trainers: str) -> None:
+    """The backbone's gradient average alone, each way it ran, from the same interleaved steps
+    (``trainers``: the ``FlatGradients`` mode of the trainer's own, the fed step's)."""
+    ways = [(FED_ROW, f"{trainers} (the trainer's)"), (DEEPSPEED_ROW, "DeepSpeed's shared-memory all-reduce"),
             (GLOO_ROW, "gloo's all-reduce")]
     parts = []
     for row, name in ways:

@@ -18,12 +18,18 @@ def _rows_of_every_rank(own: torch.Tensor, world: int) -> list[torch.Tensor]:
     return rows
 
 
-def _average(rank, world):
-    from ifc_ds.engine.node_buffers import NodeBuffers
+def _ours() -> set[str]:
+    return set(glob.glob("/dev/shm/ifc_ds-grads-*"))
 
+
+def _average(rank, world):
+    from ifc_ds.engine.node_buffers import ALIGN, NodeBuffers
+
+    before = _ours()
     buffers = NodeBuffers.create(NUMEL, torch.float32)
     assert buffers is not None and buffers.own.shape == (NUMEL,) and not buffers.own.any()  # zeroed
-    assert not glob.glob("/dev/shm/ifc_ds-grads-*")  # unlinked once mapped: the memory goes with the ranks
+    assert buffers.own.is_contiguous() and all(b % ALIGN == 0 for b in buffers.bounds[:-1])
+    assert _ours() <= before  # unlinked once mapped: the memory goes with the ranks
     gen = torch.Generator().manual_seed(rank)
     for step in range(2):  # the buffers are reused step after step, as the gradient buffer is
         buffers.own.zero_()
@@ -51,26 +57,46 @@ def _no_room_on_one_rank(rank, world):
     import ifc_ds.dist as ifc_dist
     from ifc_ds.engine.node_buffers import NodeBuffers
 
+    before = _ours()
     if rank == 1:
         ifc_dist.shared_memory_free_bytes = lambda: 0
     assert NodeBuffers.create(NUMEL, torch.float32) is None  # on every rank, not only the one without room
-    assert not glob.glob("/dev/shm/ifc_ds-grads-*")
+    assert _ours() <= before
 
 
 def _another_node(rank, world):
     """A rank on another node does not find rank 0's file in its own /dev/shm."""
     from ifc_ds.engine import node_buffers
 
+    before = _ours()
     if rank == 1:
         def missing(path, **kwargs):
             raise FileNotFoundError(path)
 
         node_buffers.np.memmap = missing
     assert node_buffers.NodeBuffers.create(NUMEL, torch.float32) is None
-    assert not glob.glob("/dev/shm/ifc_ds-grads-*")
+    assert _ours() <= before
 
 
-@pytest.mark.parametrize("case", [_no_room_on_one_rank, _another_node], ids=["no_room", "another_node"])
+def _allocation_fails(rank, world):
+    """/dev/shm fills up between the room check and the allocation: an error at once on rank 0, not a
+    SIGBUS at the first write."""
+    import errno
+
+    from ifc_ds.engine import node_buffers
+
+    before = _ours()
+    if rank == 0:
+        def full(fd, offset, length):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        node_buffers.os.posix_fallocate = full
+    assert node_buffers.NodeBuffers.create(NUMEL, torch.float32) is None
+    assert _ours() <= before
+
+
+@pytest.mark.parametrize("case", [_no_room_on_one_rank, _another_node, _allocation_fails],
+                         ids=["no_room", "another_node", "allocation_fails"])
 def test_ranks_that_cannot_share_all_go_without(case):
     run_ranks(case, 2)
 

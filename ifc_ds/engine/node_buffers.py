@@ -29,12 +29,27 @@ from ifc_ds import collectives
 
 log = logging.getLogger(__name__)
 
-ALIGN = 16  # slice bounds in elements: whole 64-byte cache lines, so two ranks never write one line
+ALIGN = 16  # rows and slices start at multiples of 16 elements (64 bytes): no cache line spans two ranks' slices
+
+
+def _allocate(path: Path, nbytes: int) -> bool:
+    """Creates the file with all its pages reserved: a sparse file (ftruncate) would fail later, when
+    /dev/shm fills up, as a SIGBUS at the first write instead of here as an error."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        finally:
+            os.close(fd)
+        return True
+    except OSError as exc:  # the ranks still meet in create, and all go without
+        log.info("backbone gradients: cannot allocate %.0f MiB at %s: %s", nbytes / 2**20, path, exc)
+        return False
 
 
 class NodeBuffers:
-    """``rows [world, n]``: every rank's flat buffer, mapped by every rank of the node.
-    ``own`` (row ``rank``) is this rank's buffer.
+    """``rows [world, n]``: every rank's flat buffer, mapped by every rank of the node (each row
+    contiguous, rows ALIGN-padded apart). ``own`` (row ``rank``) is this rank's buffer.
 
     Rank r reduces ``rows[:, bounds[r]:bounds[r + 1]]``."""
 
@@ -61,31 +76,27 @@ class NodeBuffers:
         world, rank = collectives.size(group), collectives.rank_in(group)
         if world < 2:
             return None
-        nbytes = world * numel * torch.empty((), dtype=dtype).element_size()
+        stride = -(-numel // ALIGN) * ALIGN
+        nbytes = world * stride * torch.empty((), dtype=dtype).element_size()
         token = collectives.broadcast_object(uuid.uuid4().hex if rank == 0 else None, group=group)
         path = Path("/dev/shm") / f"ifc_ds-grads-{token}.bin"
         room = os.path.isdir("/dev/shm") and shared_memory_free_bytes() > nbytes * 1.05
-        if rank == 0 and room:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    os.ftruncate(fd, nbytes)
-                finally:
-                    os.close(fd)
-            except OSError as exc:  # the ranks still meet below, and all go without
-                log.info("backbone gradients: cannot create %s: %s", path, exc)
-                room = False
-        collectives.barrier(group)
-        rows = None
-        if room:
-            try:  # mode r+ opens the file without creating it: a rank on another node does not see rank 0's
-                mapped = np.memmap(path, dtype=np.uint8, mode="r+", shape=(nbytes,))
-                rows = torch.from_numpy(mapped).view(dtype).view(world, numel)
-            except (FileNotFoundError, ValueError):  # (ValueError: the file is not of the expected size)
-                rows = None
-        everyone = bool(collectives.all_reduce_min(torch.tensor([rows is not None], dtype=torch.uint8), group).item())
-        if rank == 0:
-            path.unlink(missing_ok=True)  # every rank that could map it has: barrier in all_reduce_min
+        try:
+            if rank == 0 and room:
+                room = _allocate(path, nbytes)
+            collectives.barrier(group)
+            rows = None
+            if room:
+                try:  # mode r+ opens without creating: a rank on another node does not find rank 0's file
+                    mapped = np.memmap(path, dtype=np.uint8, mode="r+", shape=(nbytes,))
+                    rows = torch.from_numpy(mapped).view(dtype).view(world, stride)[:, :numel]
+                except (OSError, ValueError) as exc:
+                    log.info("backbone gradients: cannot map %s: %s", path, exc)
+            everyone = bool(collectives.all_reduce_min(torch.tensor([rows is not None], dtype=torch.uint8),
+                                                       group).item())
+        finally:
+            if rank == 0:  # every rank that could map it has (the all-reduce above), or a rank failed
+                path.unlink(missing_ok=True)
         collectives.barrier(group)  # returned on any rank: the name is gone from /dev/shm
         if not everyone:
             log.info("backbone gradients: no node-shared buffers (the ranks are on several nodes, or "
