@@ -1,20 +1,16 @@
 """benchmarks/ablation.py's table: every difference is judged against the recipe's seed-to-seed range."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ABLATION = Path(__file__).resolve().parent.parent / "benchmarks" / "ablation.py"
+from tests._benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("ablation", ABLATION)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ablation")
 
 
 def _kept_run(results: Path, ablation, variant: str, seed: int, knn: float, linear: float | None, rate: int):

@@ -2,26 +2,20 @@
 trainer's own methods from outside without changing what they return."""
 
 import argparse
-import importlib.util
 import os
 import time
-from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 
 from ifc_ds.dist import set_cpu_threads
-
-TRAIN_STEP = Path(__file__).resolve().parent.parent / "benchmarks" / "train_step.py"
+from tests._benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("train_step_bench", TRAIN_STEP)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_step")
 
 
 def test_a_single_rank_keeps_the_threads_the_table_names(bench):
