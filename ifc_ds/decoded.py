@@ -132,9 +132,9 @@ def decode_into_memory(loaded, size: tuple[int, int], num_workers: int = 0, mode
 
 def _shared_memory_path(token: str, nbytes: int) -> Path | None:
     """A file in /dev/shm if it has room for the node's one copy, else None."""
-    from ifc_ds.dist import shared_memory_free_bytes
+    from ifc_ds.dist import shared_memory_has_room
 
-    if shared_memory_free_bytes() > nbytes * 1.05:
+    if shared_memory_has_room(nbytes):
         return Path("/dev/shm") / f"ifc_ds-{token}.u8"
     log.info("no room for %.2f GB in /dev/shm: every rank decodes its own copy", nbytes / 1e9)
     return None

@@ -101,6 +101,11 @@ def shared_memory_free_bytes() -> int:
     return stats.f_bavail * stats.f_frsize
 
 
+def shared_memory_has_room(nbytes: int) -> bool:
+    """Whether /dev/shm can take ``nbytes`` more with a 5% margin (what every shared mapping checks first)."""
+    return shared_memory_free_bytes() > nbytes * 1.05
+
+
 def free_port() -> int:
     """A free TCP port on this host (for a rendezvous on 127.0.0.1)."""
     import socket

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ifc_ds import collectives
+from ifc_ds.dist import shared_memory_has_room
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,6 @@ class NodeBuffers:
         zeroed buffers, or None on every rank when the ranks are not all on one node or ``/dev/shm``
         lacks room on one of them. The file is unlinked once every rank has mapped it, so the memory
         goes with the last process."""
-        from ifc_ds.dist import shared_memory_free_bytes
-
         world, rank = collectives.size(group), collectives.rank_in(group)
         if world < 2:
             return None
@@ -80,7 +79,7 @@ class NodeBuffers:
         nbytes = world * stride * torch.empty((), dtype=dtype).element_size()
         token = collectives.broadcast_object(uuid.uuid4().hex if rank == 0 else None, group=group)
         path = Path("/dev/shm") / f"ifc_ds-grads-{token}.bin"
-        room = os.path.isdir("/dev/shm") and shared_memory_free_bytes() > nbytes * 1.05
+        room = shared_memory_has_room(nbytes)
         try:
             if rank == 0 and room:
                 room = _allocate(path, nbytes)

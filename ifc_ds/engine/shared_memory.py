@@ -67,7 +67,7 @@ def init_process_group(timeout: datetime.timedelta) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(workspace_path(me))  # a killed run's, on the same address and port
     need = world * WORKSPACE_BYTES
-    room = all_reduce_min(torch.tensor([ifc_dist.shared_memory_free_bytes() > need * 1.05], dtype=torch.uint8)).item()
+    room = all_reduce_min(torch.tensor([ifc_dist.shared_memory_has_room(need)], dtype=torch.uint8)).item()
     if not room:
         if me == 0:
             log.warning("/dev/shm has %.0f MiB free, DeepSpeed's shared-memory all-reduce needs %.0f MiB for %d "
