@@ -10,6 +10,7 @@ Unknown keys and values of the wrong type raise ``ConfigError`` naming the key a
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -221,6 +222,10 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+# PyYAML follows YAML 1.1, whose floats need a dot: it reads ``5e-4`` (``weight_decay=5e-4``) as a string
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value, hint, key: str):
     """Checks/converts one value against a dataclass field annotation (strings from the CLI are YAML)."""
     origin = typing.get_origin(hint)
@@ -245,6 +250,8 @@ def _coerce(value, hint, key: str):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if hint is str:

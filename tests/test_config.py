@@ -67,3 +67,14 @@ def test_choices_are_literal_fields_and_sections_check_themselves():
         ClassifierConfig(temperature=0)
     with pytest.raises(ConfigError, match="data.memory_gb must be >= 0"):
         DataConfig(memory_gb=-1)
+
+
+def test_exponent_floats_without_a_dot():
+    """PyYAML (YAML 1.1) reads ``5e-4`` as a string: a float field takes it, from the command line and
+    from a file; other strings are still errors."""
+    cfg = load_config(None, ["train.weight_decay=5e-4", "train.lr=1E-1"])
+    assert cfg.train.weight_decay == 5e-4 and cfg.train.lr == 0.1
+    with pytest.raises(ConfigError, match="train.lr: expected a number"):
+        load_config(None, ["train.lr=e-4"])
+    with pytest.raises(ConfigError, match="train.lr: expected a number"):
+        load_config(None, ["train.lr=fast"])
