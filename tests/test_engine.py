@@ -145,11 +145,35 @@ SHARED_MEMORY_SCRIPT = """
 import os, sys, time, torch, torch.distributed as dist
 from ifc_ds.dist import EXIT_PEER_LOST, Watchdog, init_distributed
 from ifc_ds.engine.shared_memory import all_reduce_, all_reduce_applies, workspace_path
-init_distributed(60)
-rank, world, mode = dist.get_rank(), dist.get_world_size(), sys.argv[1]
+from ifc_ds import collectives
+mode = sys.argv[1]
+init_distributed(4 if mode == "hang-small" else 60)
+rank, world = dist.get_rank(), dist.get_world_size()
 # every rank has mapped every workspace, and no name is left for a kill -9 to leak
 dist.barrier()
 assert not any(os.path.exists(workspace_path(r)) for r in range(world)), os.listdir("/dev/shm")
+if mode == "hang-small":
+    if rank == 1:
+        time.sleep(60)
+    collectives.all_reduce_sum(torch.ones(256))  # a small sum through shared memory: the watchdog ends it
+# small sums over the world go through shared memory when every rank has a core, bitwise gloo's for 2
+gloo_calls = []
+gloo_all_reduce = dist.all_reduce
+dist.all_reduce = lambda *args, **kwargs: gloo_calls.append(args[0].shape) or gloo_all_reduce(*args, **kwargs)
+small = torch.randn(256, 128, generator=torch.Generator().manual_seed(rank))
+every = [torch.empty_like(small) for _ in range(world)]
+dist.all_gather(every, small)
+collectives.all_reduce_sum(small)
+assert torch.allclose(small.double(), torch.stack(every).double().sum(0), rtol=0, atol=1e-5)
+assert world > 2 or torch.equal(small, every[0] + every[1])
+one_core_each = world <= len(os.sched_getaffinity(0))
+assert gloo_calls == ([] if one_core_each else [small.shape]), (gloo_calls, one_core_each)
+collectives.all_reduce_max(torch.ones(3))  # no max in the kernel
+collectives.all_reduce_sum(torch.ones(3, dtype=torch.int64))  # nor integers
+collectives.all_reduce_sum(torch.ones(300_000))  # a large sum keeps its own path (FlatGradients chooses)
+collectives.all_reduce_sum(torch.ones(8, 4).T)  # not contiguous
+assert len(gloo_calls) == (4 if one_core_each else 5), gloo_calls
+dist.all_reduce = gloo_all_reduce
 x = torch.randn(3_000_001, generator=torch.Generator().manual_seed(rank))  # several of the kernel's chunks
 assert all_reduce_applies(x) and not all_reduce_applies(x.double())
 watchdog = Watchdog(3.0, "peer lost", EXIT_PEER_LOST)
@@ -205,21 +229,25 @@ def test_shared_memory_all_reduce_is_the_sum_on_every_rank(world):
     assert not _leaked_workspaces(port)
 
 
-def test_shared_memory_all_reduce_has_a_deadline():
-    """Its C++ spins without a timeout: the watchdog ends a rank whose peer never comes with exit 69.
-    The peer, killed with -9, leaves no workspace behind."""
+@pytest.mark.parametrize("mode,what", [
+    ("hang", "the test all-reduce did not finish within dist.timeout_s=3.0: peer lost"),
+    ("hang-small", "an all-reduce through shared memory did not finish within dist.timeout_s=4.0: a peer rank died")])
+def test_shared_memory_all_reduce_has_a_deadline(mode, what):
+    """Its C++ spins without a timeout: the watchdog ends a rank whose peer never comes with exit 69,
+    for the gradients' all-reduce and for the small sums of ``collectives``. The peer, killed with -9,
+    leaves no workspace behind."""
     import time
 
     from ifc_ds.dist import EXIT_PEER_LOST
 
-    port, procs = _start_launcher_ranks(2, "hang")
+    port, procs = _start_launcher_ranks(2, mode)
     t0 = time.time()
     out = procs[0].communicate(timeout=120)[0]
     took = time.time() - t0
     procs[1].kill()
     procs[1].wait(timeout=30)
     assert procs[0].returncode == EXIT_PEER_LOST, out[-3000:]
-    assert "the test all-reduce did not finish within dist.timeout_s=3.0: peer lost" in out
+    assert what in out, out[-3000:]
     assert took < 60, took
     assert not _leaked_workspaces(port)
 
@@ -310,3 +338,37 @@ def test_optimizers_and_weight_decay_groups_come_from_timm():
     sgd = make_optimizer("sgd", groups, 0.1, 0.9)
     assert isinstance(sgd, torch.optim.SGD) and not sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9
     assert [g["weight_decay"] for g in sgd.param_groups] == [g["weight_decay"] for g in groups]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_optimizer_steps_like_the_single_tensor_one(name):
+    """The accelerator's fused step (CPU here) on channels-last weights with weight decay gives what
+    torch's per-tensor step gives (sgd: bitwise), and LARS, which has no fused step, is built unfused."""
+    from ifc_ds.config import ModelConfig
+    from ifc_ds.engine import make_optimizer, param_groups
+
+    def run(fused: bool):
+        torch.manual_seed(0)
+        encoder = InstanceEncoder(ModelConfig(name="resnet18", head_hidden=32, dim=16), 32)
+        encoder.to(memory_format=torch.channels_last)
+        opt = make_optimizer(name, param_groups(encoder, 5e-4), 0.1, 0.9, fused=fused or None)
+        if not fused:  # the reference: torch's per-tensor loop
+            for group in opt.param_groups:
+                group.update(fused=None, foreach=False)
+        for step in range(3):
+            for p in encoder.parameters():
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step)).to(
+                    memory_format=torch.channels_last if p.dim() == 4 else torch.contiguous_format)
+            opt.step()
+        return opt, [p.detach().clone() for p in encoder.parameters()]
+
+    fused_opt, fused = run(True)
+    _, reference = run(False)
+    assert all(g["fused"] for g in fused_opt.param_groups)
+    for a, b in zip(fused, reference):
+        if name == "sgd":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    lars = make_optimizer("lars", param_groups(torch.nn.Linear(4, 4), 0.0), 0.1, 0.9)
+    assert not lars.defaults.get("fused")
