@@ -25,14 +25,16 @@ def _ours() -> set[str]:
 def _average(rank, world):
     from ifc_ds.engine.node_buffers import ALIGN, NodeBuffers
 
+    NodeBuffers.CHUNK = 80  # several chunks per slice, the last one short
     before = _ours()
     buffers = NodeBuffers.create(NUMEL, torch.float32)
     assert buffers is not None and buffers.own.shape == (NUMEL,) and not buffers.own.any()  # zeroed
     assert buffers.own.is_contiguous() and all(b % ALIGN == 0 for b in buffers.bounds[:-1])
+    assert buffers.mean.data_ptr() not in {row.data_ptr() for row in buffers.rows[:world]}
     assert _ours() <= before  # unlinked once mapped: the memory goes with the ranks
     gen = torch.Generator().manual_seed(rank)
-    for step in range(2):  # the buffers are reused step after step, as the gradient buffer is
-        buffers.own.zero_()
+    for step in range(3):  # the buffers are reused step after step, as the gradient buffer is
+        assert not buffers.own.any()  # zeroed by the last average, for this step's backward
         buffers.own.add_(torch.randn(NUMEL, generator=gen) * 10 ** step)
         rows = _rows_of_every_rank(buffers.own, world)
         expected = rows[0] + rows[1]
@@ -44,12 +46,14 @@ def _average(rank, world):
             dist.all_reduce(gloo)
             assert torch.equal(expected, gloo / 2)
         buffers.average_()
-        assert torch.equal(buffers.own, expected), (step, (buffers.own - expected).abs().max())
-        assert all(torch.equal(row, expected) for row in _rows_of_every_rank(buffers.own, world))
+        assert torch.equal(buffers.mean, expected), (step, (buffers.mean - expected).abs().max())
+        assert all(torch.equal(row, expected) for row in _rows_of_every_rank(buffers.mean, world))
+        assert not buffers.rows[:world].any()
+        dist.barrier()  # (before a peer writes its row again)
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_every_rank_gets_the_mean_in_rank_order(world):
+def test_every_rank_reads_the_mean_in_rank_order_and_the_rows_are_zeroed(world):
     run_ranks(_average, world)
 
 
@@ -103,7 +107,8 @@ def test_ranks_that_cannot_share_all_go_without(case):
 
 def _flat_gradients(rank, world):
     """The backbone's gradient buffer lives in the node-shared rows: after a backward and the average,
-    each parameter's .grad (channels-last ones included) is the mean of the ranks' gradients."""
+    each parameter's .grad (channels-last ones included) is the mean of the ranks' gradients, step
+    after step (the average zeroes the rows the next backward accumulates into)."""
     from ifc_ds.engine import FlatGradients
 
     torch.manual_seed(0)
@@ -113,18 +118,26 @@ def _flat_gradients(rank, world):
     model.to(memory_format=torch.channels_last)
     flat = FlatGradients(model)
     assert flat.mode == FlatGradients.NODE_BUFFERS and flat.flat.data_ptr() == flat.node.own.data_ptr()
-    x = torch.randn(5, 3, 6, 6, generator=torch.Generator().manual_seed(rank))
-    model(x).square().sum().backward()  # the reference: this rank's own gradients
-    mine = [p.grad.clone() for p in model.parameters()]
-    for p in model.parameters():
-        p.grad = None
-    flat.attach()
-    model(x).square().sum().backward()
-    assert model[0].weight.grad.is_contiguous(memory_format=torch.channels_last)
-    flat.all_reduce()
-    for own, p in zip(mine, model.parameters()):
-        every = _rows_of_every_rank(own, world)
-        assert torch.equal(p.grad, (every[0] + every[1]) / 2)
+    gen = torch.Generator().manual_seed(rank)
+    for step in range(3):
+        x = torch.randn(5, 3, 6, 6, generator=gen)
+        for p in model.parameters():
+            p.grad = None
+        model(x).square().sum().backward()  # the reference: this rank's own gradients
+        mine = [p.grad.clone() for p in model.parameters()]
+        for p in model.parameters():
+            p.grad = None  # (what the engine's step leaves)
+        flat.attach()
+        model(x).square().sum().backward()
+        assert model[0].weight.grad.is_contiguous(memory_format=torch.channels_last)
+        flat.all_reduce()
+        for own, p in zip(mine, model.parameters()):
+            every = _rows_of_every_rank(own, world)
+            assert torch.equal(p.grad, (every[0] + every[1]) / 2), step
+        if step == 1:  # another way for one step (train_step.py compares them): the buffer is zeroed after
+            flat.mode = FlatGradients.PROCESS_GROUP
+        else:
+            flat.mode = FlatGradients.NODE_BUFFERS
 
 
 def test_flat_gradients_average_in_the_node_buffers():

@@ -329,7 +329,9 @@ class FlatGradients:
     the buffer is averaged in place, like DDP's ``gradient_as_bucket_view``. How (``mode``):
 
     * ``NODE_BUFFERS``: every rank on one CPU node: the buffers of all ranks are rows of one
-      shared-memory mapping (``node_buffers.NodeBuffers``), averaged where they lie;
+      shared-memory mapping (``node_buffers.NodeBuffers``), averaged where they lie into a mean row
+      that every rank's optimizer step reads (the ``.grad`` views move there), and zeroed in the same
+      pass, so the next ``attach`` has nothing to zero;
     * ``DEEPSPEED_SHM``: DeepSpeed's shared-memory all-reduce (where the node-shared mapping could not
       be made), under a watchdog of ``timeout_s`` since it has no timeout of its own;
     * ``PROCESS_GROUP``: torch.distributed's all-reduce (several nodes, or a GPU)."""
@@ -341,6 +343,7 @@ class FlatGradients:
         numel, dtype, device = sum(p.numel() for p in params), params[0].dtype, params[0].device
         self.node = NodeBuffers.create(numel, dtype) if device.type == "cpu" else None  # (collective)
         self.flat = self.node.own if self.node is not None else torch.zeros(numel, dtype=dtype, device=device)
+        self._zeroed = True  # the flat buffer holds zeros (NodeBuffers.create and average_ zero it)
         self.watchdog = None
         if shared_memory.all_reduce_applies(self.flat):
             self.watchdog = Watchdog(timeout_s, "a peer rank died or a collective timed out; restart with "
@@ -350,30 +353,27 @@ class FlatGradients:
                      self.DEEPSPEED_SHM if self.watchdog is not None else self.PROCESS_GROUP)
         if collectives.size() > 1:
             log.info("backbone gradients: averaged through %s (%d ranks)", self.mode, collectives.size())
-        self.views, offset = [], 0
-        for p in params:
-            chunk = self.flat[offset:offset + p.numel()]
-            offset += p.numel()
-            if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
-                n, c, h, w = p.shape
-                view = chunk.view(n, h, w, c).permute(0, 3, 1, 2)  # channels-last strides
-            else:
-                view = chunk.view(p.shape)
-            self.views.append((p, view))
+        self.views = _views_of(self.flat, params)  # [(param, its gradient's view of the flat buffer)]
+        self.mean_views = _views_of(self.node.mean, params) if self.node is not None else None
 
     def attach(self) -> None:
         """Before a step's first backward: zeroed views as the gradients (the engine's step drops them)."""
-        self.flat.zero_()
+        if not self._zeroed:
+            self.flat.zero_()
+        self._zeroed = False
         for param, view in self.views:
             param.grad = view
 
     def all_reduce(self) -> None:
-        """After a step's last backward: the mean over the data-parallel ranks, in place."""
+        """After a step's last backward: the mean over the data-parallel ranks as the gradients."""
         world = collectives.size()
         if world == 1:
             return
         if self.mode == self.NODE_BUFFERS:
             self.node.average_()
+            self._zeroed = True
+            for param, view in self.mean_views:
+                param.grad = view
             return
         if self.mode == self.DEEPSPEED_SHM:
             with self.watchdog.guard("the backbone's gradient all-reduce"):
@@ -381,6 +381,22 @@ class FlatGradients:
         else:
             collectives.all_reduce_sum(self.flat)
         self.flat.div_(world)
+
+
+def _views_of(flat: torch.Tensor, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each parameter's slice of ``flat``, in the parameter's own memory format (so channels-last
+    weights get channels-last gradients)."""
+    views, offset = [], 0
+    for p in params:
+        chunk = flat[offset:offset + p.numel()]
+        offset += p.numel()
+        if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
+            n, c, h, w = p.shape
+            view = chunk.view(n, h, w, c).permute(0, 3, 1, 2)  # channels-last strides
+        else:
+            view = chunk.view(p.shape)
+        views.append((p, view))
+    return views
 
 
 def _match_norm_buffers_on_cpu(module: nn.Module) -> None:

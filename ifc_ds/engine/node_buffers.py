@@ -1,12 +1,14 @@
-"""Every rank's flat gradient buffer in one shared-memory mapping, averaged in place over the ranks.
+"""Every rank's flat gradient buffer in one shared-memory mapping, averaged where it lies.
 
 Where every rank of the world runs on one CPU node, rank r's flat gradients are row r of a
-``[world, n]`` tensor that every rank maps from one ``/dev/shm`` file. The average then needs no
-copies in or out: rank r sums slice r of every row (in rank order), divides by the world size and
-writes the result into its own row, and each rank then copies the others' reduced slices out of their
-rows. Per rank that is about two passes over the buffer's size in memory traffic. DeepSpeed's
-shared-memory all-reduce (``shared_memory.all_reduce_``) copies the whole buffer into its workspace
-and the result back out. Profiled inside the trainer step, that took 38 ms of a 674 ms step on 2 ranks
+``[world + 1, n]`` tensor that every rank maps from one ``/dev/shm`` file; the last row is the mean,
+which every rank's optimizer step reads. Rank r reduces slice r: in cache-sized chunks it sums that
+slice of every rank's row (in rank order), divides by the world size, writes the mean row, and zeroes
+the slice of every rank's row for the next step's backward while it is still in cache. Per rank that
+is one read of the world's rows over its slice and two writes, with no copies in or out and no
+separate zeroing pass. DeepSpeed's shared-memory all-reduce (``shared_memory.all_reduce_``) copies
+the whole buffer into its workspace and the result back out, and the buffer is zeroed in a pass of
+its own: profiled inside the trainer step, 38 ms + 6 ms of a 674 ms step on 2 ranks
 (``benchmarks/README.md``).
 
 Written by hand because nothing else does it: gloo's all-reduce goes through loopback TCP, and
@@ -49,22 +51,27 @@ def _allocate(path: Path, nbytes: int) -> bool:
 
 
 class NodeBuffers:
-    """``rows [world, n]``: every rank's flat buffer, mapped by every rank of the node (each row
-    contiguous, rows ALIGN-padded apart). ``own`` (row ``rank``) is this rank's buffer.
+    """``rows [world + 1, n]``, mapped by every rank of the node (each row contiguous, rows
+    ALIGN-padded apart): row r is rank r's buffer (``own`` for this rank), the last row the mean
+    (``mean``). Rank r reduces ``rows[:, bounds[r]:bounds[r + 1]]``."""
 
-    Rank r reduces ``rows[:, bounds[r]:bounds[r + 1]]``."""
+    CHUNK = 1 << 16  # elements reduced at a time: the world's rows of a chunk stay in L2 while zeroed
 
     def __init__(self, rows: torch.Tensor, rank: int):
         self.rows, self.rank = rows, rank
-        world, n = rows.shape
+        world, n = rows.shape[0] - 1, rows.shape[1]
+        self.world = world
         self.bounds = [min(n, (n * r // world + ALIGN - 1) // ALIGN * ALIGN) for r in range(world)] + [n]
-        # more than 2 ranks: the sum runs in rank order in a scratch slice, because the own row is an input
-        lo, hi = self.bounds[rank], self.bounds[rank + 1]
-        self.scratch = torch.empty(hi - lo, dtype=rows.dtype) if world > 2 else None
 
     @property
     def own(self) -> torch.Tensor:
+        """``[n]``: this rank's buffer, zeroed by ``create`` and by every ``average_``."""
         return self.rows[self.rank]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """``[n]``: the mean of the ranks' rows after ``average_``, the same memory on every rank."""
+        return self.rows[self.world]
 
     @classmethod
     def create(cls, numel: int, dtype: torch.dtype, group=None) -> NodeBuffers | None:
@@ -76,7 +83,7 @@ class NodeBuffers:
         if world < 2:
             return None
         stride = -(-numel // ALIGN) * ALIGN
-        nbytes = world * stride * torch.empty((), dtype=dtype).element_size()
+        nbytes = (world + 1) * stride * torch.empty((), dtype=dtype).element_size()
         token = collectives.broadcast_object(uuid.uuid4().hex if rank == 0 else None, group=group)
         path = Path("/dev/shm") / f"ifc_ds-grads-{token}.bin"
         room = shared_memory_has_room(nbytes)
@@ -88,7 +95,7 @@ class NodeBuffers:
             if room:
                 try:  # mode r+ opens without creating: a rank on another node does not find rank 0's file
                     mapped = np.memmap(path, dtype=np.uint8, mode="r+", shape=(nbytes,))
-                    rows = torch.from_numpy(mapped).view(dtype).view(world, stride)[:, :numel]
+                    rows = torch.from_numpy(mapped).view(dtype).view(world + 1, stride)[:, :numel]
                 except (OSError, ValueError) as exc:
                     log.info("backbone gradients: cannot map %s: %s", path, exc)
             everyone = bool(collectives.all_reduce_min(torch.tensor([rows is not None], dtype=torch.uint8),
@@ -104,23 +111,19 @@ class NodeBuffers:
         return cls(rows, rank)
 
     def average_(self, group=None) -> None:
-        """Collective: every row becomes the mean of all rows, bitwise the same on every rank (for 2
-        ranks, bitwise gloo's sum divided by 2)."""
-        world = self.rows.shape[0]
-        lo, hi = self.bounds[self.rank], self.bounds[self.rank + 1]
-        collectives.barrier(group)  # every rank's backward has written its row
-        mine = self.rows[self.rank, lo:hi]
-        if world == 2:
-            torch.add(self.rows[0, lo:hi], self.rows[1, lo:hi], out=mine)  # (mine is one of the two: elementwise)
-        else:
-            torch.add(self.rows[0, lo:hi], self.rows[1, lo:hi], out=self.scratch)
+        """Collective: ``mean`` becomes the mean of the ranks' rows, summed in rank order (for 2 ranks,
+        bitwise gloo's sum divided by 2), and every rank's row is zeroed."""
+        world, rows = self.world, self.rows
+        # every rank's backward has written its row, and every rank's last optimizer step has read the mean
+        collectives.barrier(group)
+        for start in range(self.bounds[self.rank], self.bounds[self.rank + 1], self.CHUNK):
+            chunk = slice(start, min(start + self.CHUNK, self.bounds[self.rank + 1]))
+            mean = rows[world, chunk]
+            torch.add(rows[0, chunk], rows[1, chunk], out=mean)
             for r in range(2, world):
-                self.scratch.add_(self.rows[r, lo:hi])
-            mine.copy_(self.scratch)
-        mine.div_(world)
-        collectives.barrier(group)  # every slice is reduced
-        for r in range(world):
-            if r != self.rank:
-                start, end = self.bounds[r], self.bounds[r + 1]
-                self.rows[self.rank, start:end].copy_(self.rows[r, start:end])
-        collectives.barrier(group)  # no rank writes its row again (next step's zeroing) while another reads it
+                mean.add_(rows[r, chunk])
+            mean.div_(world)
+            rows[:world, chunk].zero_()
+        # every slice is reduced and zeroed: the mean is complete, and no rank writes its row again
+        # (the next backward) before every rank has read it
+        collectives.barrier(group)
