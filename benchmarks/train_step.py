@@ -214,13 +214,16 @@ DEEPSPEED_ROW = "with classifier + data path, gradients averaged through DeepSpe
 
 
 def _averaged_through(flat, mode: str, step):
-    """``step`` with the backbone's gradients averaged through ``mode`` (a ``FlatGradients`` mode)."""
+    """``step`` with the backbone's gradients averaged through ``mode`` (a ``FlatGradients`` mode). Such
+    a way leaves its buffer to be zeroed by the next step, where the node-shared average zeroes it in
+    its pass: it zeroes the buffer within its own time, so the row after it starts as the trainer's would."""
     def run():
         default, flat.mode = flat.mode, mode
         try:
             step()
         finally:
             flat.mode = default
+        flat.zero_()
 
     return run
 

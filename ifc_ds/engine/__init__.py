@@ -356,10 +356,15 @@ class FlatGradients:
         self.views = _views_of(self.flat, params)  # [(param, its gradient's view of the flat buffer)]
         self.mean_views = _views_of(self.node.mean, params) if self.node is not None else None
 
+    def zero_(self) -> None:
+        """Zeroes this rank's buffer now (``attach`` then has nothing to zero)."""
+        self.flat.zero_()
+        self._zeroed = True
+
     def attach(self) -> None:
         """Before a step's first backward: zeroed views as the gradients (the engine's step drops them)."""
         if not self._zeroed:
-            self.flat.zero_()
+            self.zero_()
         self._zeroed = False
         for param, view in self.views:
             param.grad = view
