@@ -6,8 +6,9 @@
   statistic, the [256, 128] feature gradient of a 2 x 128 batch); then the classifier's forward +
   backward (N = 10,000, D = 128, 128 images per rank) with its sums through each;
 * the backbone's optimizer step (one process, one thread): torch SGD with momentum over ResNet-18 +
-  head's channels-last weights (47 MB), per-tensor (torch's CPU default) against fused (one kernel
-  per tensor, what ``ifc_ds.engine.make_optimizer`` builds), each with and without weight decay.
+  head's channels-last weights (47 MB), per tensor (torch's CPU default), torch's fused kernel, and
+  that kernel on 1-D runs of memory (``ifc_ds.engine.fused_sgd.DenseFusedSGD``, what
+  ``ifc_ds.engine.make_optimizer`` builds), each with and without weight decay.
 
     python benchmarks/step_parts.py
 """
@@ -113,15 +114,18 @@ def optimizer_steps() -> dict:
         for p, g in zip(encoder.parameters(), grads):
             p.grad = g
 
+    ways = {"per tensor": lambda groups: make_optimizer("sgd", groups, 0.1, 0.9, fused=False),
+            "torch's fused": lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9, fused=True),
+            "fused on runs of memory (ifc_ds)": lambda groups: make_optimizer("sgd", groups, 0.1, 0.9)}
     rows = {}
     for _ in range(2):  # twice, interleaved: the host's drift hits every row alike
         for weight_decay in (0.0, 5e-4):
-            for fused in (False, True):
-                opt = make_optimizer("sgd", param_groups(encoder, weight_decay), 0.1, 0.9, fused=fused)
+            for way, make in ways.items():
+                opt = make(param_groups(encoder, weight_decay))
                 regrad()
                 opt.step()  # the momentum buffers exist from here on
                 ms = _median_ms(opt.step, 15, before=regrad)
-                key = (f"SGD step, weight decay {weight_decay:g}", "fused" if fused else "per tensor")
+                key = (f"SGD step, weight decay {weight_decay:g}", way)
                 rows[key] = min(ms, rows.get(key, float("inf")))
     return rows
 

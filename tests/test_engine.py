@@ -340,35 +340,66 @@ def test_optimizers_and_weight_decay_groups_come_from_timm():
     assert [g["weight_decay"] for g in sgd.param_groups] == [g["weight_decay"] for g in groups]
 
 
-@pytest.mark.parametrize("name", ["sgd", "adamw"])
-def test_fused_optimizer_steps_like_the_single_tensor_one(name):
-    """The accelerator's fused step (CPU here) on channels-last weights with weight decay gives what
-    torch's per-tensor step gives (sgd: bitwise), and LARS, which has no fused step, is built unfused."""
-    from ifc_ds.config import ModelConfig
+def test_sgd_steps_fused_on_the_accelerator_and_the_others_do_not():
+    """make_optimizer: the config's "sgd" takes the fused step on CPU (DenseFusedSGD, still torch's
+    SGD without Nesterov); AdamW (whose fused CPU kernel mishandles mixed layouts) and LARS (no fused
+    step) are timm's, unfused, and asking them for a fused step is a clear error."""
+    from ifc_ds.config import ConfigError
     from ifc_ds.engine import make_optimizer, param_groups
+    from ifc_ds.engine.fused_sgd import DenseFusedSGD
 
-    def run(fused: bool):
+    groups = param_groups(torch.nn.Linear(4, 4), 0.0)
+    sgd = make_optimizer("sgd", groups, 0.1, 0.9)
+    assert isinstance(sgd, DenseFusedSGD) and not sgd.defaults["nesterov"] and sgd.defaults["fused"]
+    assert type(make_optimizer("sgd", groups, 0.1, 0.9, fused=False)) is torch.optim.SGD
+    for name in ("adamw", "lars"):
+        assert not make_optimizer(name, groups, 0.1, 0.9).defaults.get("fused")
+        with pytest.raises(ConfigError, match=f"train.optimizer={name} has no fused step"):
+            make_optimizer(name, groups, 0.1, 0.9, fused=True)
+
+
+def test_dense_fused_sgd_is_torch_sgd_on_runs_of_memory():
+    """ifc_ds.engine.fused_sgd: the kernel sees 1-D runs, the state keeps torch's shapes and layouts,
+    and the steps are bitwise torch's per-tensor SGD's: from the first step, after a state_dict round
+    trip, with buffers loaded contiguous for channels-last weights, and with a gradient whose layout
+    differs from its weight's (torch's own step for that group)."""
+    from ifc_ds.config import ModelConfig
+    from ifc_ds.engine import param_groups
+    from ifc_ds.engine.fused_sgd import DenseFusedSGD
+
+    def model():
         torch.manual_seed(0)
         encoder = InstanceEncoder(ModelConfig(name="resnet18", head_hidden=32, dim=16), 32)
-        encoder.to(memory_format=torch.channels_last)
-        opt = make_optimizer(name, param_groups(encoder, 5e-4), 0.1, 0.9, fused=fused or None)
-        if not fused:  # the reference: torch's per-tensor loop
-            for group in opt.param_groups:
-                group.update(fused=None, foreach=False)
-        for step in range(3):
-            for p in encoder.parameters():
-                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step)).to(
-                    memory_format=torch.channels_last if p.dim() == 4 else torch.contiguous_format)
-            opt.step()
-        return opt, [p.detach().clone() for p in encoder.parameters()]
+        return encoder.to(memory_format=torch.channels_last)
 
-    fused_opt, fused = run(True)
-    _, reference = run(False)
-    assert all(g["fused"] for g in fused_opt.param_groups)
-    for a, b in zip(fused, reference):
-        if name == "sgd":
-            assert torch.equal(a, b)
-        else:
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    lars = make_optimizer("lars", param_groups(torch.nn.Linear(4, 4), 0.0), 0.1, 0.9)
-    assert not lars.defaults.get("fused")
+    def grads(encoder, step, contiguous_conv=False):
+        for i, p in enumerate(encoder.parameters()):
+            g = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
+            fmt = torch.channels_last if p.dim() == 4 and not (contiguous_conv and i == 0) else torch.contiguous_format
+            p.grad = g.contiguous(memory_format=fmt)
+
+    kwargs = dict(lr=0.1, momentum=0.9)
+    ours, reference = model(), model()
+    opt = DenseFusedSGD(param_groups(ours, 5e-4), **kwargs)
+    ref = torch.optim.SGD(param_groups(reference, 5e-4), foreach=False, **kwargs)
+    for step in range(6):
+        if step == 2:  # a round trip through state_dict, as a checkpoint does
+            state = opt.state_dict()
+            opt = DenseFusedSGD(param_groups(ours, 5e-4), **kwargs)
+            opt.load_state_dict(state)
+        if step == 4:  # buffers loaded contiguous: laid out like their weights at the next step
+            state = opt.state_dict()
+            for entry in state["state"].values():
+                entry["momentum_buffer"] = entry["momentum_buffer"].contiguous()
+            opt = DenseFusedSGD(param_groups(ours, 5e-4), **kwargs)
+            opt.load_state_dict(state)
+        for encoder in (ours, reference):
+            grads(encoder, step, contiguous_conv=step == 3)
+        opt.step()
+        ref.step()
+        for a, b in zip(ours.parameters(), reference.parameters()):
+            assert torch.equal(a, b), step
+    for p, q in zip(ours.parameters(), reference.parameters()):
+        buffer = opt.state[p]["momentum_buffer"]
+        assert buffer.shape == p.shape and buffer.stride() == p.stride()
+        assert torch.equal(buffer, ref.state[q]["momentum_buffer"])

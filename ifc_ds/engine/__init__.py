@@ -44,6 +44,7 @@ from ifc_ds import collectives
 from ifc_ds.config import Config, ConfigError
 from ifc_ds.dist import EXIT_PEER_LOST, Watchdog
 from ifc_ds.engine import shared_memory
+from ifc_ds.engine.fused_sgd import DenseFusedSGD
 from ifc_ds.engine.node_buffers import NodeBuffers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -183,25 +184,30 @@ class RankAloneMPU:
 OPTIMIZERS = {"sgd": "momentum", "lars": "lars", "adamw": "adamw"}
 
 
-# torch's single-kernel steps (``fused=True``): one pass over param, grad and state per step, where the
-# default on CPU runs one op per term and, with weight decay, allocates a decayed copy of every gradient
-# (ResNet-18's 47 MB step, 1 thread: 24 against 26-31 ms, bitwise the same results, benchmarks/README.md).
-# timm's LARS has none. The devices are those ifc_ds runs on and torch has the kernels for.
-FUSED_OPTIMIZERS, FUSED_DEVICES = ("sgd", "adamw"), ("cpu", "cuda")
+# torch's fused SGD step (one kernel per tensor, where the default on CPU runs one op per term and, with
+# weight decay, allocates a decayed copy of every gradient), handed 1-D runs of memory
+# (``fused_sgd.DenseFusedSGD``: channels-last weights are slow in the kernel otherwise, and tensors of
+# mixed layouts wrong); bitwise the same results (benchmarks/step_parts.py times them). Not AdamW's:
+# its fused CPU kernel has the same flaw, and a state loaded in another layout than the weights would
+# be updated wrongly, silently. timm's LARS has none. The devices: those ifc_ds runs on.
+FUSED_OPTIMIZERS, FUSED_DEVICES = ("sgd",), ("cpu", "cuda")
 
 
 def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float,
                    fused: bool | None = None) -> torch.optim.Optimizer:
-    """timm's ``create_optimizer_v2`` on ready parameter groups (each carries its weight decay); torch's
-    fused step where it has one for ``name`` on the accelerator (``fused=None``) or as asked."""
+    """timm's ``create_optimizer_v2`` on ready parameter groups (each carries its weight decay); SGD's
+    fused step (``DenseFusedSGD``) on the devices in ``FUSED_DEVICES`` (``fused=None``) or as asked."""
     if name not in OPTIMIZERS:
         raise ConfigError(f"train.optimizer: unknown '{name}'; choose from {', '.join(OPTIMIZERS)}")
     if fused is None:
         from deepspeed.accelerator import get_accelerator
 
         fused = name in FUSED_OPTIMIZERS and get_accelerator().device_name() in FUSED_DEVICES
-    extra = {"fused": True} if fused else {}
-    return timm.optim.create_optimizer_v2(groups, OPTIMIZERS[name], lr=lr, momentum=momentum, **extra)
+    if fused:  # timm's "momentum" is torch's SGD without Nesterov: the same, fused
+        if name not in FUSED_OPTIMIZERS:
+            raise ConfigError(f"train.optimizer={name} has no fused step here (only {', '.join(FUSED_OPTIMIZERS)})")
+        return DenseFusedSGD(groups, lr=lr, momentum=momentum)
+    return timm.optim.create_optimizer_v2(groups, OPTIMIZERS[name], lr=lr, momentum=momentum)
 
 
 @dataclass
