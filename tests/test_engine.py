@@ -403,3 +403,19 @@ def test_dense_fused_sgd_is_torch_sgd_on_runs_of_memory():
         buffer = opt.state[p]["momentum_buffer"]
         assert buffer.shape == p.shape and buffer.stride() == p.stride()
         assert torch.equal(buffer, ref.state[q]["momentum_buffer"])
+    # the gradient views FlatGradients makes: a 1x1 convolution's gradient is contiguous while its
+    # channels-last weight's strides differ, in the same memory order: still runs of memory
+    from ifc_ds.engine import FlatGradients, fused_sgd
+
+    one_by_one = [p for p in ours.parameters() if p.dim() == 4 and p.shape[-1] == 1]
+    assert one_by_one and any(p.stride() != torch.empty(p.shape).stride() for p in one_by_one)
+    flat = FlatGradients(ours)
+    flat.attach()
+    calls = []
+    kernel = fused_sgd.sgd
+    fused_sgd.sgd = lambda *args, **kwargs: calls.append(kwargs["fused"]) or kernel(*args, **kwargs)
+    try:
+        opt.step()
+    finally:
+        fused_sgd.sgd = kernel
+    assert calls and all(calls)

@@ -22,6 +22,12 @@ def _dense(tensor: torch.Tensor) -> bool:
     return tensor.is_contiguous() or (tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last))
 
 
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two dense tensors of one shape keep their elements in the same memory order (the strides
+    of size-1 dims do not count: a 1x1 convolution's weight is contiguous and channels-last at once)."""
+    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
 def _run(tensor: torch.Tensor) -> torch.Tensor:
     """A dense tensor as the 1-D view of its memory, in memory order."""
     return tensor.as_strided((tensor.numel(),), (1,))
@@ -48,7 +54,7 @@ class DenseFusedSGD(torch.optim.SGD):
             with_momentum = group["momentum"] != 0
             if with_momentum:
                 buffers = [self._like_param(p, b) for p, b in zip(params, buffers)]
-            runs = (not sparse and all(_dense(p) and g.stride() == p.stride() for p, g in zip(params, grads))
+            runs = (not sparse and all(_dense(p) and _dense(g) and _same_layout(p, g) for p, g in zip(params, grads))
                     and (not with_momentum or len({b is None for b in buffers}) <= 1))
             # otherwise torch's per-tensor step: its fused CPU kernel walks the three tensors' memory in
             # step, so a gradient laid out unlike its weight is added to the wrong elements (torch 2.14)
@@ -67,7 +73,7 @@ class DenseFusedSGD(torch.optim.SGD):
         return loss
 
     def _like_param(self, param: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor | None:
-        if buffer is None or buffer.stride() == param.stride() or not _dense(param):
+        if buffer is None or not _dense(param) or (_dense(buffer) and _same_layout(buffer, param)):
             return buffer
         laid_out = torch.empty_like(param).copy_(buffer)  # (empty_like keeps the parameter's layout)
         self.state[param]["momentum_buffer"] = laid_out
