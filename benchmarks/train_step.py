@@ -99,7 +99,8 @@ DATA, ZEROED, BB_FWD, CLF_FWD, CLF_BWD, BB_BWD, ALL_REDUCE, CLF_STEP, BB_STEP, T
     "data: next batch, crops, device views", "gradient buffer zeroed", "backbone forward",
     "classifier forward (feature all-gather, softmax all-reduces)",
     "classifier backward (feature-gradient all-reduce)", "backbone backward (encoder alone: with zero_grad)",
-    "backbone gradient all-reduce + divide (with any wait for the slower rank)", "classifier optimizer step",
+    "backbone gradient average + divide (node-shared: + zeroing the rows; with any wait for the slower rank)",
+    "classifier optimizer step",
     "backbone optimizer step", "whole step")
 REST = "the rest (engine and Python between the phases)"
 PHASES = (DATA, ZEROED, BB_FWD, CLF_FWD, CLF_BWD, BB_BWD, ALL_REDUCE, CLF_STEP, BB_STEP, REST, TOTAL)
@@ -176,7 +177,7 @@ def _worker(rank, world, port, args, out):
                 other_ways.insert(0, (flat.DEEPSPEED_SHM, DEEPSPEED_ROW))
             for mode, row in other_ways:
                 if mode != flat.mode:
-                    steps.append((row, _averaged_through(flat, mode, fed)))
+                    steps.append((row, _averaged_through(flat, mode, fed, clock)))
         steps.append((FED_ROW, fed))
     if args.profile:
         _profile(rank, dict([steps[0], steps[-1]]), out)
@@ -213,17 +214,20 @@ GLOO_ROW = "with classifier + data path, gradients averaged through gloo's all-r
 DEEPSPEED_ROW = "with classifier + data path, gradients averaged through DeepSpeed's shared-memory all-reduce"
 
 
-def _averaged_through(flat, mode: str, step):
+def _averaged_through(flat, mode: str, step, clock: PhaseClock):
     """``step`` with the backbone's gradients averaged through ``mode`` (a ``FlatGradients`` mode). Such
     a way leaves its buffer to be zeroed by the next step, where the node-shared average zeroes it in
-    its pass: it zeroes the buffer within its own time, so the row after it starts as the trainer's would."""
+    its own pass: it zeroes the buffer at its end (its zeroing phase), so the row after it starts as
+    the trainer's would."""
     def run():
         default, flat.mode = flat.mode, mode
         try:
             step()
         finally:
             flat.mode = default
+        t0 = time.perf_counter()
         flat.zero_()
+        clock.add(ZEROED, time.perf_counter() - t0)
 
     return run
 
@@ -378,16 +382,18 @@ def _phase_medians(steps: list[dict]) -> dict[str, float]:
 
 
 def _print_averages(phases: list[dict], trainers: str) -> None:
-    """The backbone's gradient average alone, each way it ran, from the same interleaved steps
-    (``trainers``: the ``FlatGradients`` mode of the trainer's own, the fed step's)."""
+    """The backbone's gradient average and the buffer's zeroing, each way it ran, from the same
+    interleaved steps (``trainers``: the ``FlatGradients`` mode of the trainer's own, the fed step's)."""
     ways = [(FED_ROW, f"{trainers} (the trainer's)"), (DEEPSPEED_ROW, "DeepSpeed's shared-memory all-reduce"),
             (GLOO_ROW, "gloo's all-reduce")]
     parts = []
     for row, name in ways:
         if all(rank.get(row) for rank in phases):
-            ms = statistics.mean(_phase_medians(rank[row])[ALL_REDUCE] for rank in phases)
+            medians = [_phase_medians(rank[row]) for rank in phases]
+            ms = statistics.mean(m[ALL_REDUCE] + m[ZEROED] for m in medians)
             parts.append(f"{name} {ms:.1f} ms")
-    print("\nthe backbone's gradient average + divide per step (median, mean of ranks): " + "; ".join(parts))
+    # (the node-shared average zeroes the ranks' rows in its pass; the other ways zero their buffer apart)
+    print("\nthe backbone's gradient average + divide + zeroing per step (median, mean of ranks): " + "; ".join(parts))
 
 
 def _print_phases(phases: list[dict]) -> None:
