@@ -7,8 +7,9 @@ channels-last against 14.3 ms contiguous, ``benchmarks/step_parts.py``). The upd
 so where a parameter, its gradient and its buffer share one dense layout, the kernel may as well see
 the three as 1-D views of their memory: ``DenseFusedSGD`` hands them over so and keeps each buffer in
 its parameter's shape and layout, so the optimizer's state and checkpoints are torch's SGD's. Results
-are bitwise torch's per-tensor SGD's (``tests/test_engine.py``). torch's own fused step is not used on
-tensors of mixed layouts: its CPU kernel gives wrong results there.
+are bitwise torch's per-tensor SGD's (``tests/test_engine.py``). A gradient or buffer laid out unlike
+its weight is copied into the weight's layout first: torch's fused CPU kernel walks the three tensors'
+memory in step, so on mixed layouts it adds to the wrong elements (torch 2.14).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ def _run(tensor: torch.Tensor) -> torch.Tensor:
 
 class DenseFusedSGD(torch.optim.SGD):
     """``torch.optim.SGD(fused=True)`` whose kernel sees each parameter, gradient and momentum buffer
-    as 1-D runs of memory wherever the three share a dense layout (otherwise, torch's per-tensor step). A
-    buffer loaded in another layout than its parameter's (a checkpoint of contiguous buffers for
-    channels-last weights) is laid out like the parameter once, at its first step."""
+    as 1-D runs of memory wherever the parameters are dense (otherwise torch's fused step as it is). A
+    gradient laid out unlike its parameter is copied into the parameter's layout for the step; a
+    buffer so (a checkpoint of contiguous buffers for channels-last weights) is laid out anew once."""
 
     def __init__(self, params, **kwargs):
         super().__init__(params, **{**kwargs, "fused": True})
@@ -52,18 +53,18 @@ class DenseFusedSGD(torch.optim.SGD):
             params, grads, buffers = [], [], []
             sparse = self._init_group(group, params, grads, buffers)
             with_momentum = group["momentum"] != 0
-            if with_momentum:
-                buffers = [self._like_param(p, b) for p, b in zip(params, buffers)]
-            runs = (not sparse and all(_dense(p) and _dense(g) and _same_layout(p, g) for p, g in zip(params, grads))
+            runs = (not sparse and all(_dense(p) for p in params)
                     and (not with_momentum or len({b is None for b in buffers}) <= 1))
-            # otherwise torch's per-tensor step: its fused CPU kernel walks the three tensors' memory in
-            # step, so a gradient laid out unlike its weight is added to the wrong elements (torch 2.14)
-            view = _run if runs else (lambda t: t)
+            if runs:  # the kernel walks a weight, its gradient and its buffer in step: all in the weight's layout
+                grads = [_laid_out_like(p, g) for p, g in zip(params, grads)]
+                if with_momentum:
+                    buffers = [self._buffer_like(p, b) for p, b in zip(params, buffers)]
+            view = _run if runs else (lambda t: t)  # (otherwise torch's SGD(fused=True) as it is)
             kernel_buffers = [None if b is None else view(b) for b in buffers]
             sgd([view(p) for p in params], [view(g) for g in grads], kernel_buffers,
                 weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
                 dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
-                has_sparse_grad=sparse, foreach=False, fused=runs, grad_scale=getattr(self, "grad_scale", None),
+                has_sparse_grad=sparse, foreach=None, fused=True, grad_scale=getattr(self, "grad_scale", None),
                 found_inf=getattr(self, "found_inf", None))
             if with_momentum:
                 for p, buffer, kernel_buffer in zip(params, buffers, kernel_buffers):
@@ -72,9 +73,16 @@ class DenseFusedSGD(torch.optim.SGD):
                     self.state[p]["momentum_buffer"] = buffer
         return loss
 
-    def _like_param(self, param: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor | None:
-        if buffer is None or not _dense(param) or (_dense(buffer) and _same_layout(buffer, param)):
-            return buffer
-        laid_out = torch.empty_like(param).copy_(buffer)  # (empty_like keeps the parameter's layout)
-        self.state[param]["momentum_buffer"] = laid_out
+    def _buffer_like(self, param: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor | None:
+        """The momentum buffer in its weight's layout, laid out anew (and kept so) if it was not."""
+        laid_out = None if buffer is None else _laid_out_like(param, buffer)
+        if laid_out is not buffer:
+            self.state[param]["momentum_buffer"] = laid_out
         return laid_out
+
+
+def _laid_out_like(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself when it keeps its elements in ``param``'s memory order, else a copy that does."""
+    if _dense(tensor) and _same_layout(param, tensor):
+        return tensor
+    return torch.empty_like(param).copy_(tensor)  # (empty_like keeps a dense parameter's strides)
