@@ -28,6 +28,8 @@ import torch.multiprocessing as mp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from train_step import rank_environment  # noqa: E402  (this folder: what DeepSpeed's launcher sets for a rank)
+
 from ifc_ds import collectives  # noqa: E402
 from ifc_ds.dist import free_port, init_distributed  # noqa: E402
 
@@ -46,8 +48,7 @@ def _median_ms(fn, repeats: int, before=None) -> float:
 
 
 def _sums_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(rank_environment(rank, world, port, threads=1))
     init_distributed(120)
     torch.set_num_threads(1)
     from ifc_ds.classifier import ShardedInstanceClassifier

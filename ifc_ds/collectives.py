@@ -41,8 +41,8 @@ def rank_in(group=None) -> int:
 
 
 # A sum over the world through memory the ranks share, where they are all on one CPU node and have a
-# core each (``ifc_ds.engine.shared_memory.use_for_small_sums`` sets it: DeepSpeed's internals stay
-# behind the engine package). It returns False for a tensor it does not take. gloo's all-reduce goes
+# core each (``ifc_ds.engine.shared_memory.init_process_group`` sets it to ``small_sum_``: DeepSpeed's
+# internals stay behind the engine package). It returns False for a tensor it does not take. gloo's all-reduce goes
 # through loopback TCP: 0.3-2 ms for a [256] tensor here, and the classifier runs several per step.
 _node_sum: Callable[[torch.Tensor], bool] | None = None
 

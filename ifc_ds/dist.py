@@ -123,13 +123,17 @@ def local_world_size() -> int:
     return size()
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def set_cpu_threads() -> None:
     """One share of the node's cores per rank, unless OMP_NUM_THREADS says otherwise: torch's default
     (every core in every rank) oversubscribes the CPU and halved throughput here with 2 ranks."""
     if os.environ.get("OMP_NUM_THREADS"):
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // max(1, local_world_size())))
+    torch.set_num_threads(max(1, usable_cores() // max(1, local_world_size())))
 
 
 def is_main() -> bool:

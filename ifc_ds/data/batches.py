@@ -4,7 +4,6 @@ memory, and the DataLoaders (workers from ``ifc_ds.workers``)."""
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import torch
@@ -12,6 +11,7 @@ from torch.utils.data import default_collate
 
 from ifc_ds.data.loading import LoadedDataset
 from ifc_ds.data.sampling import InstanceBatchSampler
+from ifc_ds.dist import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,7 @@ def memory_batches(decoded, id_batches, crop, labels: np.ndarray | None = None):
 
 def default_num_workers(local_world_size: int) -> int:
     """Spare cores per rank, at most 8; 0 (decode in the main process) when there are none."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // max(local_world_size, 1) - 1))
+    return max(0, min(8, usable_cores() // max(local_world_size, 1) - 1))
 
 
 def make_loader(dataset, batch_sampler=None, batch_size: int | None = None, num_workers: int = 0,

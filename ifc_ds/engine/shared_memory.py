@@ -96,16 +96,12 @@ def init_process_group(timeout: datetime.timedelta) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(workspace_path(me))
     _ready = ready
-    if ready and all_reduce_min(torch.tensor([world <= _cores()], dtype=torch.uint8)).item():
+    # DeepSpeed's kernel spins while it waits: with more ranks than cores, a waiting rank would take
+    # the core its peer needs
+    if ready and all_reduce_min(torch.tensor([world <= ifc_dist.usable_cores()], dtype=torch.uint8)).item():
         _watchdog = Watchdog(timeout.total_seconds(), "a peer rank died or a collective timed out; restart with "
                              "resume=auto to continue from the last complete checkpoint", EXIT_PEER_LOST)
         use_node_sum(small_sum_)
-
-
-def _cores() -> int:
-    """Cores this rank may run on: DeepSpeed's kernel spins while it waits, so with more ranks than
-    cores a waiting rank would take the core its peer needs."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def small_sum_(tensor: torch.Tensor) -> bool:
