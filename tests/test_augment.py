@@ -49,6 +49,46 @@ def test_jitter_ops_match_torchvision_per_sample(op, tv_op, factors):
         assert (mine[i] - tv_op(u8[i], f).float()).abs().max() <= 1
 
 
+def _color_cube(levels=(0, 1, 37, 128, 200, 254, 255)):
+    """Every colour of a coarse RGB grid, as float [1, 3, 1, n]: grays, black, white, ties of the
+    maximum or minimum (r = g > b, ...), where the hue's branches meet."""
+    grid = torch.tensor(list(itertools.product(levels, repeat=3)), dtype=torch.float32).T / 255
+    return grid.reshape(1, 3, 1, -1)
+
+
+@pytest.mark.parametrize("factor", [-0.5, -0.3, -1e-3, 0.0, 1e-3, 0.25, 0.5])
+def test_hue_matches_torchvision_where_its_branches_meet(factor):
+    cube = _color_cube()
+    mine = adjust_hue(cube, torch.tensor([factor]))
+    torch.testing.assert_close(mine, TF.adjust_hue(cube, factor), atol=1e-6, rtol=0)
+    gray = (cube[0, 0] == cube[0, 1]) & (cube[0, 1] == cube[0, 2])
+    assert torch.equal(mine[0][:, gray], cube[0][:, gray])  # grays and black keep their value exactly
+
+
+def test_photometric_matches_torchvision_sample_by_sample():
+    """The batched pipeline against each sample's own torchvision chain: flip, the four jitter ops in
+    that sample's order, grayscale, blur; with every op on, and with some jitter ops off."""
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for cfg in (AugmentConfig(hflip_p=0.5, jitter_p=0.9, grayscale_p=0.3, blur_p=0.5),
+                AugmentConfig(hflip_p=0.5, jitter_p=1.0, brightness=0.0, saturation=0.0, grayscale_p=0.0)):
+        x = _images(batch=48, size=20, seed=3)
+        params = sample_params(cfg, 5, 1, range(48))
+        out = photometric(x.clone(), params, cfg)
+        ranges = [cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue]
+        for i in range(48):
+            expected = TF.horizontal_flip(x[i]) if params.flip[i] else x[i]
+            if params.jitter[i]:
+                for op in params.order[i].tolist():
+                    if ranges[op] > 0:
+                        expected = ops[op](expected, params.factors[i, op].item())
+            if params.gray[i]:
+                expected = TF.rgb_to_grayscale(expected, num_output_channels=3)
+            if params.blur[i]:
+                sigma = params.sigma[i].item()
+                expected = TF.gaussian_blur(expected, [3, 3], [sigma, sigma])
+            torch.testing.assert_close(out[i], expected, atol=2e-5, rtol=0)
+
+
 def test_grayscale_flip_and_blur_match_torchvision():
     x = _images(size=40)
     torch.testing.assert_close(grayscale(x).expand(-1, 3, -1, -1), TF.rgb_to_grayscale(x, num_output_channels=3),
