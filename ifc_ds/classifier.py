@@ -77,16 +77,28 @@ class _BatchLayout:
 def _exchange_layout(batch: int, dim: int, bad_ids: torch.Tensor, expected_dim: int, group, rank: int,
                      device) -> _BatchLayout:
     """All-gathers ``(B_local, D_local, any bad id)`` so every rank raises the same error together
-    instead of one rank raising while the others wait in a collective."""
-    info = torch.stack([torch.tensor(batch, device=device), torch.tensor(dim, device=device),
-                        bad_ids.to(device=device, dtype=torch.int64)])
-    table = all_gather_equal(info, group).tolist()
+    instead of one rank raising while the others wait in a collective. As fp32 (small integers are
+    exact there), so that the gather can go through the node sum (``ifc_ds.collectives``)."""
+    info = torch.stack([torch.tensor(float(batch), device=device), torch.tensor(float(dim), device=device),
+                        bad_ids.to(device=device, dtype=torch.float32)])
+    table = [[int(value) for value in row] for row in all_gather_equal(info, group).tolist()]
     for r, (_, d, bad) in enumerate(table):
         if d != expected_dim:
             raise ValueError(f"features on rank {r} have dim {d}, the classifier expects {expected_dim}")
         if bad:
             raise ValueError(f"instance_ids on rank {r} are outside [0, num_instances)")
     return _BatchLayout(sizes=[row[0] for row in table], rank=rank)
+
+
+_EXACT_FLOAT_IDS = 1 << 24  # every integer up to 2^24 is exact in fp32
+
+
+def _gather_ids(instance_ids: torch.Tensor, layout: _BatchLayout, group, num_instances: int) -> torch.Tensor:
+    """``[B_local]`` -> ``[B_global]`` int64 ids in rank order. Up to 2^24 instances they travel as fp32
+    (exact there), so that the gather can go through the node sum instead of a gloo all-gather."""
+    if num_instances <= _EXACT_FLOAT_IDS:
+        return all_gather_rows(instance_ids.float(), layout.sizes, group).long()
+    return all_gather_rows(instance_ids, layout.sizes, group)
 
 
 class _GatherFeatures(torch.autograd.Function):
@@ -546,7 +558,7 @@ class ShardedInstanceClassifier(nn.Module):
         with torch.autocast(device_type=features.device.type, enabled=False):
             unit = F.normalize(features.float(), dim=1)
             features_all = _GatherFeatures.apply(unit, layout, self.group, self.world_size)
-            ids_all = all_gather_rows(instance_ids, layout.sizes, self.group)
+            ids_all = _gather_ids(instance_ids, layout, self.group, self.num_instances)
             smoothing = smoothing_k if smoothing_eps > 0 else 0
             needs_backward = torch.is_grad_enabled() and (unit.requires_grad or self.weight.requires_grad)
             spec = _LossSpec(

@@ -168,12 +168,38 @@ assert torch.allclose(small.double(), torch.stack(every).double().sum(0), rtol=0
 assert world > 2 or torch.equal(small, every[0] + every[1])
 one_core_each = world <= len(os.sched_getaffinity(0))
 assert gloo_calls == ([] if one_core_each else [small.shape]), (gloo_calls, one_core_each)
-collectives.all_reduce_max(torch.ones(3))  # no max in the kernel
-collectives.all_reduce_sum(torch.ones(3, dtype=torch.int64))  # nor integers
+collectives.all_reduce_sum(torch.ones(3, dtype=torch.int64))  # no integers in the kernel
 collectives.all_reduce_sum(torch.ones(300_000))  # a large sum keeps its own path (FlatGradients chooses)
 collectives.all_reduce_sum(torch.ones(8, 4).T)  # not contiguous
-assert len(gloo_calls) == (4 if one_core_each else 5), gloo_calls
-dist.all_reduce = gloo_all_reduce
+assert len(gloo_calls) == (3 if one_core_each else 4), gloo_calls
+# gathers, maxima and step barriers ride on the same sum: bitwise gloo's gather and max
+gloo_gathers, gloo_barriers = [], []
+gloo_all_gather, gloo_barrier = dist.all_gather, dist.barrier
+dist.all_gather = lambda *args, **kwargs: gloo_gathers.append(1) or gloo_all_gather(*args, **kwargs)
+dist.barrier = lambda *args, **kwargs: gloo_barriers.append(1) or gloo_barrier(*args, **kwargs)
+fresh = torch.randn(64, 128, generator=torch.Generator().manual_seed(10 + rank))
+fresh[0, :3] = torch.tensor([-0.0, float("inf"), -float("inf")])
+reduces_before = len(gloo_calls)
+gathered = collectives.all_gather_equal(fresh)
+maxima, minima = collectives.all_reduce_max(fresh.clone()), collectives.all_reduce_min(fresh.clone())
+ids = collectives.all_gather_equal(torch.arange(5) + 10 * rank)  # integers: gloo's gather
+gloo_ops = (len(gloo_gathers), len(gloo_calls) - reduces_before)
+start = time.monotonic()
+if rank == 1:
+    time.sleep(1.0)
+collectives.step_barrier()
+waited = time.monotonic() - start
+dist.all_gather, dist.barrier, dist.all_reduce = gloo_all_gather, gloo_barrier, gloo_all_reduce
+assert waited >= 0.9, f"rank {rank} left the step barrier after {waited:.2f} s, before rank 1 came"
+expected = [torch.empty_like(fresh) for _ in range(world)]
+dist.all_gather(expected, fresh)
+assert torch.equal(gathered, torch.stack(expected)), "not gloo's gather"
+for op, mine in ((dist.ReduceOp.MAX, maxima), (dist.ReduceOp.MIN, minima)):
+    by_gloo = fresh.clone()
+    dist.all_reduce(by_gloo, op=op)
+    assert torch.equal(mine, by_gloo), f"not gloo's {op}"
+assert ids.tolist() == [[10 * r + i for i in range(5)] for r in range(world)]
+assert (*gloo_ops, len(gloo_barriers)) == ((1, 0, 0) if one_core_each else (2, 2, 1)), (gloo_ops, gloo_barriers)
 x = torch.randn(3_000_001, generator=torch.Generator().manual_seed(rank))  # several of the kernel's chunks
 assert all_reduce_applies(x) and not all_reduce_applies(x.double())
 watchdog = Watchdog(3.0, "peer lost", EXIT_PEER_LOST)

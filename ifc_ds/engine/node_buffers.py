@@ -115,7 +115,7 @@ class NodeBuffers:
         bitwise gloo's sum divided by 2), and every rank's row is zeroed."""
         world, rows = self.world, self.rows
         # every rank's backward has written its row, and every rank's last optimizer step has read the mean
-        collectives.barrier(group)
+        collectives.step_barrier(group)
         for start in range(self.bounds[self.rank], self.bounds[self.rank + 1], self.CHUNK):
             chunk = slice(start, min(start + self.CHUNK, self.bounds[self.rank + 1]))
             mean = rows[world, chunk]
@@ -126,4 +126,4 @@ class NodeBuffers:
             rows[:world, chunk].zero_()
         # every slice is reduced and zeroed: the mean is complete, and no rank writes its row again
         # (the next backward) before every rank has read it
-        collectives.barrier(group)
+        collectives.step_barrier(group)
