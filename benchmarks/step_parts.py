@@ -3,7 +3,8 @@
 * small sums over the world (2 gloo ranks, one thread each): gloo's all-reduce through loopback TCP
   against ``ifc_ds.collectives.all_reduce_`` through node-shared memory (DeepSpeed's shared-memory
   kernel, ``ifc_ds.engine.shared_memory.small_sum_``) at the classifier's sizes (a [256] softmax
-  statistic, the [256, 128] feature gradient of a 2 x 128 batch); then the classifier's forward +
+  statistic, the [256, 128] feature gradient of a 2 x 128 batch), and what rides on the same sum: a
+  gather of a rank's [128, 128] features, a max, a barrier inside a step; then the classifier's forward +
   backward (N = 10,000, D = 128, 128 images per rank) with its sums through each;
 * the backbone's optimizer step (one process, one thread): torch SGD with momentum over ResNet-18 +
   head's channels-last weights (47 MB), per tensor (torch's CPU default), torch's fused kernel, and
@@ -68,6 +69,20 @@ def _sums_worker(rank: int, world: int, port: int, out: str) -> None:
             for _ in range(200):
                 collectives.all_reduce_sum(x)
             rows[(f"sum of a {name} tensor", way)] = (time.perf_counter() - t0) / 200 * 1e3
+    features = torch.ones(128, 128)
+    others = {"gather of [128, 128] rows": lambda: collectives.all_gather_equal(features),
+              "max of a [256] tensor": lambda: collectives.all_reduce_max(torch.ones(256)),
+              "barrier inside a step": collectives.step_barrier}
+    for name, fn in others.items():
+        for way, node in ways.items():
+            collectives.use_node_sum(node)
+            for _ in range(20):
+                fn()
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                fn()
+            rows[(name, way)] = (time.perf_counter() - t0) / 200 * 1e3
     clf = ShardedInstanceClassifier(10_000, 128, 0.1)
     gen = torch.Generator().manual_seed(rank)
     features = torch.randn(128, 128, generator=gen)

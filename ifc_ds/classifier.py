@@ -93,12 +93,14 @@ def _exchange_layout(batch: int, dim: int, bad_ids: torch.Tensor, expected_dim: 
 _EXACT_FLOAT_IDS = 1 << 24  # every integer up to 2^24 is exact in fp32
 
 
-def _gather_ids(instance_ids: torch.Tensor, layout: _BatchLayout, group, num_instances: int) -> torch.Tensor:
-    """``[B_local]`` -> ``[B_global]`` int64 ids in rank order. Up to 2^24 instances they travel as fp32
-    (exact there), so that the gather can go through the node sum instead of a gloo all-gather."""
+def _gather_ids(ids: torch.Tensor, group, num_instances: int, sizes: list[int] | None = None) -> torch.Tensor:
+    """Every rank's int64 ids in rank order: ``[B_r]`` rows concatenated (``sizes`` given, uneven), or
+    ``[P, *S]`` (equal shapes). Up to 2^24 instances they travel as fp32 (exact there), so that the
+    gather can go through the node sum instead of a gloo all-gather."""
     if num_instances <= _EXACT_FLOAT_IDS:
-        return all_gather_rows(instance_ids.float(), layout.sizes, group).long()
-    return all_gather_rows(instance_ids, layout.sizes, group)
+        ids = ids.float()
+    every = all_gather_equal(ids, group) if sizes is None else all_gather_rows(ids, sizes, group)
+    return every.long()
 
 
 class _GatherFeatures(torch.autograd.Function):
@@ -133,6 +135,7 @@ class _LossSpec:
     group: object
     fused: bool = False  # the Triton kernels of ifc_ds.fused_loss instead of the block loops
     operand_dtype: torch.dtype = torch.float32  # fused only: GEMM operand dtype (fp32 accumulation)
+    num_instances: int = 1 << 62  # N: the candidates' ids travel as fp32 up to 2^24 (_gather_ids)
 
 
 def _block_size(batch: int, chunk_size: int | None, device: torch.device) -> int:
@@ -357,7 +360,7 @@ def _global_top_k(cand_vals, cand_ids, spec: _LossSpec):
     cand_vals = F.pad(cand_vals, (0, 0, 0, pad), value=-math.inf)
     cand_ids = F.pad(cand_ids, (0, 0, 0, pad), value=-1)
     all_vals = all_gather_equal(cand_vals.T.contiguous(), spec.group)  # [P, B, k]
-    all_ids = all_gather_equal(cand_ids.T.contiguous(), spec.group)
+    all_ids = _gather_ids(cand_ids.T.contiguous(), spec.group, spec.num_instances)
     all_vals = all_vals.permute(1, 0, 2).reshape(batch, -1)
     all_ids = all_ids.permute(1, 0, 2).reshape(batch, -1)
     neg_vals, pos = torch.topk(all_vals, k, dim=1)
@@ -558,12 +561,12 @@ class ShardedInstanceClassifier(nn.Module):
         with torch.autocast(device_type=features.device.type, enabled=False):
             unit = F.normalize(features.float(), dim=1)
             features_all = _GatherFeatures.apply(unit, layout, self.group, self.world_size)
-            ids_all = _gather_ids(instance_ids, layout, self.group, self.num_instances)
+            ids_all = _gather_ids(instance_ids, self.group, self.num_instances, layout.sizes)
             smoothing = smoothing_k if smoothing_eps > 0 else 0
             needs_backward = torch.is_grad_enabled() and (unit.requires_grad or self.weight.requires_grad)
             spec = _LossSpec(
                 temperature=self.temperature, row_start=self.row_start, smoothing_k=smoothing,
-                smoothing_eps=smoothing_eps if smoothing else 0.0,
+                smoothing_eps=smoothing_eps if smoothing else 0.0, num_instances=self.num_instances,
                 search_k=smoothing or (1 if self.track_accuracy else 0),
                 block=_block_size(layout.total, self.chunk_size, features.device),
                 keep_logits=(self.chunk_size is None and needs_backward and not fused

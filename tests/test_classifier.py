@@ -217,12 +217,13 @@ def test_matches_reference_on_cuda_with_bf16_features():
 def test_ids_gathered_as_floats_only_where_floats_hold_them_exactly():
     """The ids' gather goes through fp32 (so it can take the node sum) up to 2^24 instances; beyond,
     fp32 would round ids (2^24 + 1 -> 2^24), so they stay int64."""
-    from ifc_ds.classifier import _BatchLayout, _gather_ids
+    from ifc_ds.classifier import _gather_ids
 
     top = 1 << 24
     ids = torch.tensor([top - 1, top - 2, 0, 12345])
-    gathered = _gather_ids(ids, _BatchLayout(sizes=[4], rank=0), None, top)
-    assert gathered.dtype == torch.int64 and gathered.tolist() == ids.tolist()
-    ids = torch.tensor([top + 1, top + 3, 5])
-    gathered = _gather_ids(ids, _BatchLayout(sizes=[3], rank=0), None, top + 10)
+    for sizes, expected in (([4], ids), (None, ids[None])):  # rows, or equal shapes with a rank dim
+        gathered = _gather_ids(ids, None, top, sizes)
+        assert gathered.dtype == torch.int64 and torch.equal(gathered, expected)
+    ids = torch.tensor([top + 1, top + 3, -1])
+    gathered = _gather_ids(ids, None, top + 10, [3])
     assert gathered.dtype == torch.int64 and gathered.tolist() == ids.tolist()
