@@ -368,6 +368,12 @@ def main():
         print(f"with the data path / encoder step alone, channels-last weights: {alone / fed:.3f} (target >= 0.85)")
         print(f"with the data path / encoder step alone on the slower rank of each step: "
               f"{statistics.median(results[SLOWER_ROW]) / fed:.3f}")
+        # the ratio above divides by rank 0's encoder alone; where one core is slower than the other, the
+        # fed step is bound by it, so each rank's own is shown too (the target stays on rank 0's)
+        own = [1e-3 * _phase_medians(rank["encoder alone"])[TOTAL] / fed for rank in saved["phases"]]
+        print("with the data path / each rank's own encoder step alone: "
+              + ", ".join(f"rank {r} {ratio:.3f}" for r, ratio in enumerate(own))
+              + f"; their mean {statistics.mean(own):.3f}")
         print(f"train.py end to end / trainer step on batches in memory: {e2e / (args.batch / base):.3f}; / encoder "
               f"alone: {e2e / (args.batch / alone):.3f}")
         _print_phases(saved["phases"])

@@ -236,8 +236,8 @@ class DeviceViews:
         return images if boxes is None else crop_resize(images, boxes, self.size)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """float ``[B, 3, S, S]`` in [0, 1] -> normalised, in the engine's dtype and memory format."""
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        """float ``[B, 3, S, S]`` in [0, 1] -> normalised (in place), in the engine's dtype and memory format."""
+        x = x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
         x = x.to(self.dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
