@@ -74,7 +74,7 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Rotates the hue by ``factor`` turns (in ``[-0.5, 0.5]``) through HSV, as torchvision does.
 
     Written in float arithmetic only: on the CPU a comparison, ``where`` or ``remainder`` costs 5-20
-    times an add on the same tensor, and this op ran three times slower with them. Each branch-free
+    times an add on the same tensor, and this op ran two to three times slower with them. Each branch-free
     form below gives bitwise what the branch gives, for finite values in ``[0, 1]``: a 0.0 / 1.0
     selector ``s`` picks ``a * s + b * (1 - s)`` (``a + 0`` is ``a``), and ``k - floor(k)`` is
     ``remainder(k, 1)`` (fmod is exact, and so is the subtraction of a whole turn)."""
