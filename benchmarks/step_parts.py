@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -57,23 +58,13 @@ def _sums_worker(rank: int, world: int, port: int, out: str) -> None:
 
     node_sum = collectives._node_sum
     ways = {"gloo": None, "node-shared memory": node_sum}
+    calls = {f"sum of a {name} tensor": partial(collectives.all_reduce_sum, torch.ones(shape))
+             for name, shape in SIZES.items()}
+    calls.update({"gather of [128, 128] rows": partial(collectives.all_gather_equal, torch.ones(128, 128)),
+                  "max of a [256] tensor": lambda: collectives.all_reduce_max(torch.ones(256)),
+                  "barrier inside a step": collectives.step_barrier})
     rows = {}
-    for name, shape in SIZES.items():
-        x = torch.ones(shape)
-        for way, fn in ways.items():
-            collectives.use_node_sum(fn)
-            for _ in range(20):
-                collectives.all_reduce_sum(x)
-            dist.barrier()
-            t0 = time.perf_counter()
-            for _ in range(200):
-                collectives.all_reduce_sum(x)
-            rows[(f"sum of a {name} tensor", way)] = (time.perf_counter() - t0) / 200 * 1e3
-    features = torch.ones(128, 128)
-    others = {"gather of [128, 128] rows": lambda: collectives.all_gather_equal(features),
-              "max of a [256] tensor": lambda: collectives.all_reduce_max(torch.ones(256)),
-              "barrier inside a step": collectives.step_barrier}
-    for name, fn in others.items():
+    for name, fn in calls.items():
         for way, node in ways.items():
             collectives.use_node_sum(node)
             for _ in range(20):
@@ -158,7 +149,8 @@ def _print(title: str, rows: dict, base: str) -> None:
 
 
 def main():
-    _print("2 gloo ranks x 1 thread, median per call (the last column: the last way over the first)",
+    _print("2 gloo ranks x 1 thread, mean per call over 200 calls, the classifier median of 40 steps "
+           "(the last column: the last way over the first)",
            small_sums(), "gloo")
     _print("1 process x 1 thread, resnet18 + head (47 MB of weights), channels-last, median of 15 steps "
            "(best of two interleaved rounds)", optimizer_steps(), "per tensor")

@@ -65,11 +65,6 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return _blend(x, grayscale(x), factor)
 
 
-def _is_zero(x: torch.Tensor) -> torch.Tensor:
-    """1.0 where ``x`` (``>= 0``) is zero, else 0.0."""
-    return 1.0 - torch.sign(x)
-
-
 def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Rotates the hue by ``factor`` turns (in ``[-0.5, 0.5]``) through HSV, as torchvision does.
 
@@ -86,8 +81,8 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     saturation = spread / maxc.clamp_min(_SMALLEST_FLOAT)  # black: 0 / tiny = 0
     inv = (spread + gray).reciprocal_()  # 1 / spread, and 1 for grays
     # hue in sixths of a turn from whichever channel is the maximum, r before g before b (zero for grays)
-    red_max, not_red_max = _is_zero(maxc - r), torch.sign(maxc - r)
-    green_max, not_green_max = _is_zero(maxc - g), torch.sign(maxc - g)
+    not_red_max, not_green_max = torch.sign(maxc - r), torch.sign(maxc - g)  # 0.0 where r (g) is the maximum
+    red_max, green_max = 1.0 - not_red_max, 1.0 - not_green_max
     from_red = (g - b).mul_(inv)
     from_green = (b - r).mul_(inv).add_(2.0)
     from_blue = (r - g).mul_(inv).add_(4.0)
