@@ -1,4 +1,4 @@
-"""Two parts of the trainer step on a CPU node, each against its baseline in the same run:
+"""Three parts of the trainer step on a CPU node, each against its baseline in the same run:
 
 * small sums over the world (2 gloo ranks, one thread each): gloo's all-reduce through loopback TCP
   against ``ifc_ds.collectives.all_reduce_`` through node-shared memory (DeepSpeed's shared-memory
@@ -9,7 +9,10 @@
 * the backbone's optimizer step (one process, one thread): torch SGD with momentum over ResNet-18 +
   head's channels-last weights (47 MB), per tensor (torch's CPU default), torch's fused kernel, and
   that kernel on 1-D runs of memory (``ifc_ds.engine.fused_sgd.DenseFusedSGD``, what
-  ``ifc_ds.engine.make_optimizer`` builds), each with and without weight decay.
+  ``ifc_ds.engine.make_optimizer`` builds), each with and without weight decay;
+* the backbone's gradients landing in the flat buffer the average reads (one process, one thread):
+  given the gradients a backward makes, accumulated into zeroed slices plus the zeroing pass for the
+  next step (before), against copied into the slices (``ifc_ds.engine.FlatGradients``' hook).
 
     python benchmarks/step_parts.py
 """
@@ -137,6 +140,41 @@ def optimizer_steps() -> dict:
     return rows
 
 
+def gradient_landing() -> dict:
+    """What a step pays to get autograd's gradients into the flat buffer, with the gradients given:
+    fresh tensors per step, as a backward makes them."""
+    from ifc_ds.config import load_config
+    from ifc_ds.engine import _views_of
+    from ifc_ds.model import InstanceEncoder
+
+    torch.set_num_threads(1)
+    encoder = InstanceEncoder(load_config(None, ["model.name=resnet18"]).model, 32)
+    params = list(encoder.to(memory_format=torch.channels_last).parameters())
+    flat = torch.zeros(sum(p.numel() for p in params))
+    views = [view for _, view in _views_of(flat, params)]
+    state = {}
+
+    def fresh():
+        state["grads"] = [torch.empty_like(p).fill_(1.0) for p in params]
+
+    def accumulated_then_zeroed():
+        for view, grad in zip(views, state["grads"]):
+            view.add_(grad)
+        flat.zero_()
+
+    def copied():
+        for view, grad in zip(views, state["grads"]):
+            view.copy_(grad)
+
+    ways = {"into zeroed slices + zeroing pass": accumulated_then_zeroed, "copied (ifc_ds)": copied}
+    rows = {}
+    for _ in range(2):  # twice, interleaved
+        for way, fn in ways.items():
+            key = ("ResNet-18 + head's 11.5 M gradients into the flat buffer", way)
+            rows[key] = min(_median_ms(fn, 15, before=fresh), rows.get(key, float("inf")))
+    return rows
+
+
 def _print(title: str, rows: dict, base: str) -> None:
     ways = list(dict.fromkeys(way for _, way in rows))
     print(f"\n{title}\n")
@@ -154,6 +192,8 @@ def main():
            small_sums(), "gloo")
     _print("1 process x 1 thread, resnet18 + head (47 MB of weights), channels-last, median of 15 steps "
            "(best of two interleaved rounds)", optimizer_steps(), "per tensor")
+    _print("1 process x 1 thread, the same network, median of 15 steps (best of two interleaved rounds)",
+           gradient_landing(), "into zeroed slices + zeroing pass")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@
   CIFAR-10 (``configs/cifar10.yaml``: data path, device views, hooks, logging), its steady-state
   images/s from ``metrics.jsonl``; then the fed step and the encoder alone phase by phase on every
   rank (wall time of the data path, each engine's forward, backward and step, the gradient buffer's
-  zeroing and all-reduce), which names what the fed step spends beyond the encoder alone.
+  all-reduce), which names what the fed step spends beyond the encoder alone.
 
     python benchmarks/train_step.py                                   # the step table
     python benchmarks/train_step.py --end-to-end --cifar ../shared/data/cifar10/train.parquet
@@ -95,15 +95,15 @@ class PhaseClock:
 
 
 # the phases of a step, in order (the encoder alone has forward, backward and its optimizer step)
-DATA, ZEROED, BB_FWD, CLF_FWD, CLF_BWD, BB_BWD, ALL_REDUCE, CLF_STEP, BB_STEP, TOTAL = (
-    "data: next batch, crops, device views", "gradient buffer zeroed", "backbone forward",
+DATA, ATTACH, BB_FWD, CLF_FWD, CLF_BWD, BB_BWD, ALL_REDUCE, CLF_STEP, BB_STEP, TOTAL = (
+    "data: next batch, crops, device views", "gradients dropped for the step's backward", "backbone forward",
     "classifier forward (feature all-gather, softmax all-reduces)",
     "classifier backward (feature-gradient all-reduce)", "backbone backward (encoder alone: with zero_grad)",
-    "backbone gradient average + divide (node-shared: + zeroing the rows; with any wait for the slower rank)",
+    "backbone gradient average + divide (with any wait for the slower rank)",
     "classifier optimizer step",
     "backbone optimizer step", "whole step")
 REST = "the rest (engine and Python between the phases)"
-PHASES = (DATA, ZEROED, BB_FWD, CLF_FWD, CLF_BWD, BB_BWD, ALL_REDUCE, CLF_STEP, BB_STEP, REST, TOTAL)
+PHASES = (DATA, ATTACH, BB_FWD, CLF_FWD, CLF_BWD, BB_BWD, ALL_REDUCE, CLF_STEP, BB_STEP, REST, TOTAL)
 
 
 def _time_phases(clock: PhaseClock, engines) -> None:
@@ -114,7 +114,7 @@ def _time_phases(clock: PhaseClock, engines) -> None:
     clock.wrap(engines.classifier, "backward", CLF_BWD)
     clock.wrap(engines.classifier, "step", CLF_STEP)
     if engines.flat_grads is not None:
-        clock.wrap(engines.flat_grads, "attach", ZEROED)
+        clock.wrap(engines.flat_grads, "attach", ATTACH)
         clock.wrap(engines.flat_grads, "all_reduce", ALL_REDUCE)
 
 
@@ -177,7 +177,7 @@ def _worker(rank, world, port, args, out):
                 other_ways.insert(0, (flat.DEEPSPEED_SHM, DEEPSPEED_ROW))
             for mode, row in other_ways:
                 if mode != flat.mode:
-                    steps.append((row, _averaged_through(flat, mode, fed, clock)))
+                    steps.append((row, _averaged_through(flat, mode, fed)))
         steps.append((FED_ROW, fed))
     if args.profile:
         _profile(rank, dict([steps[0], steps[-1]]), out)
@@ -214,20 +214,14 @@ GLOO_ROW = "with classifier + data path, gradients averaged through gloo's all-r
 DEEPSPEED_ROW = "with classifier + data path, gradients averaged through DeepSpeed's shared-memory all-reduce"
 
 
-def _averaged_through(flat, mode: str, step, clock: PhaseClock):
-    """``step`` with the backbone's gradients averaged through ``mode`` (a ``FlatGradients`` mode). Such
-    a way leaves its buffer to be zeroed by the next step, where the node-shared average zeroes it in
-    its own pass: it zeroes the buffer at its end (its zeroing phase), so the row after it starts as
-    the trainer's would."""
+def _averaged_through(flat, mode: str, step):
+    """``step`` with the backbone's gradients averaged through ``mode`` (a ``FlatGradients`` mode)."""
     def run():
         default, flat.mode = flat.mode, mode
         try:
             step()
         finally:
             flat.mode = default
-        t0 = time.perf_counter()
-        flat.zero_()
-        clock.add(ZEROED, time.perf_counter() - t0)
 
     return run
 
@@ -388,7 +382,7 @@ def _phase_medians(steps: list[dict]) -> dict[str, float]:
 
 
 def _print_averages(phases: list[dict], trainers: str) -> None:
-    """The backbone's gradient average and the buffer's zeroing, each way it ran, from the same
+    """The backbone's gradient average, each way it ran, from the same
     interleaved steps (``trainers``: the ``FlatGradients`` mode of the trainer's own, the fed step's)."""
     ways = [(FED_ROW, f"{trainers} (the trainer's)"), (DEEPSPEED_ROW, "DeepSpeed's shared-memory all-reduce"),
             (GLOO_ROW, "gloo's all-reduce")]
@@ -396,10 +390,9 @@ def _print_averages(phases: list[dict], trainers: str) -> None:
     for row, name in ways:
         if all(rank.get(row) for rank in phases):
             medians = [_phase_medians(rank[row]) for rank in phases]
-            ms = statistics.mean(m[ALL_REDUCE] + m[ZEROED] for m in medians)
+            ms = statistics.mean(m[ALL_REDUCE] for m in medians)
             parts.append(f"{name} {ms:.1f} ms")
-    # (the node-shared average zeroes the ranks' rows in its pass; the other ways zero their buffer apart)
-    print("\nthe backbone's gradient average + divide + zeroing per step (median, mean of ranks): " + "; ".join(parts))
+    print("\nthe backbone's gradient average + divide per step (median, mean of ranks): " + "; ".join(parts))
 
 
 def _print_phases(phases: list[dict]) -> None:

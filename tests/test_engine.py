@@ -86,6 +86,40 @@ def test_two_engines_on_two_ranks(check):
     run_ranks(check, 2)
 
 
+def _backbone_clip(rank, world_size, tmp):
+    """A backbone clipped by its ds_config's gradient_clipping takes the same step whether its gradients
+    were averaged in the node-shared buffers or through gloo: the clip scales the gradients in place,
+    so it must not scale the mean row that every rank shares (once per rank, racing)."""
+    import json
+
+    from ifc_ds.engine import FlatGradients
+
+    path = f"{tmp}/clip.json"
+    if rank == 0:
+        with open(path, "w") as f:
+            json.dump({"zero_optimization": {"stage": 0}, "gradient_clipping": 1e-3}, f)
+    dist.barrier()
+    after = {}
+    for mode in (FlatGradients.NODE_BUFFERS, FlatGradients.PROCESS_GROUP):
+        engines, encoder, _ = _build(rank, world_size, path)
+        assert engines.backbone.gradient_clipping() == 1e-3 and engines.flat_grads.mode == FlatGradients.NODE_BUFFERS
+        engines.flat_grads.mode = mode
+        start = [p.detach().clone() for p in encoder.parameters()]
+        gen = torch.Generator().manual_seed(7 + rank)
+        for _ in range(2):
+            train_step(engines, torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, N, (4,), generator=gen),
+                       0, 0.0)
+            optimizer_step(engines)
+        after[mode] = [p.detach().clone() for p in encoder.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(start, after[FlatGradients.PROCESS_GROUP]))
+    for node, gloo in zip(after[FlatGradients.NODE_BUFFERS], after[FlatGradients.PROCESS_GROUP]):
+        assert torch.equal(node, gloo)
+
+
+def test_a_clipped_backbone_steps_alike_through_the_node_buffers_and_gloo(tmp_path):
+    run_ranks(_backbone_clip, 2, str(tmp_path))
+
+
 def test_warmup_cosine():
     values = [warmup_cosine(s, 10, 2, 0.0) for s in range(10)]
     assert values[0] == 0.5 and values[1] == 1.0 and values[-1] < 0.05
@@ -442,7 +476,9 @@ def test_dense_fused_sgd_is_torch_sgd_on_runs_of_memory():
     one_by_one = [p for p in ours.parameters() if p.dim() == 4 and p.shape[-1] == 1]
     assert one_by_one and any(p.stride() != torch.empty(p.shape).stride() for p in one_by_one)
     flat = FlatGradients(ours)
-    flat.attach()
+    flat.attach()  # a step's backward: the gradients land in the flat buffer
+    ours(torch.randn(2, 3, 32, 32)).square().sum().backward()
+    flat.all_reduce()
     calls = []
     kernel = fused_sgd.sgd
     start, end = flat.flat.data_ptr(), flat.flat.data_ptr() + flat.flat.numel() * 4

@@ -34,8 +34,8 @@ def _average(rank, world):
     assert _ours() <= before  # unlinked once mapped: the memory goes with the ranks
     gen = torch.Generator().manual_seed(rank)
     for step in range(3):  # the buffers are reused step after step, as the gradient buffer is
-        assert not buffers.own.any()  # zeroed by the last average, for this step's backward
-        buffers.own.add_(torch.randn(NUMEL, generator=gen) * 10 ** step)
+        buffers.own.copy_(torch.randn(NUMEL, generator=gen) * 10 ** step)  # (a step's first backward)
+        mine = buffers.own.clone()
         rows = _rows_of_every_rank(buffers.own, world)
         expected = rows[0] + rows[1]
         for row in rows[2:]:
@@ -48,12 +48,12 @@ def _average(rank, world):
         buffers.average_()
         assert torch.equal(buffers.mean, expected), (step, (buffers.mean - expected).abs().max())
         assert all(torch.equal(row, expected) for row in _rows_of_every_rank(buffers.mean, world))
-        assert not buffers.rows[:world].any()
+        assert torch.equal(buffers.own, mine)  # the rows are read, not written
         dist.barrier()  # (before a peer writes its row again)
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_every_rank_reads_the_mean_in_rank_order_and_the_rows_are_zeroed(world):
+def test_every_rank_reads_the_mean_in_rank_order(world):
     run_ranks(_average, world)
 
 
@@ -106,9 +106,11 @@ def test_ranks_that_cannot_share_all_go_without(case):
 
 
 def _flat_gradients(rank, world):
-    """The backbone's gradient buffer lives in the node-shared rows: after a backward and the average,
-    each parameter's .grad (channels-last ones included) is the mean of the ranks' gradients, step
-    after step (the average zeroes the rows the next backward accumulates into)."""
+    """The backbone's gradient buffer lives in the node-shared rows: after the backwards of a step and
+    the average, each parameter's .grad (channels-last ones included) is the mean of the ranks'
+    gradients, step after step: with two micro-batches accumulating, and with a parameter that this
+    rank's backward does not reach in some steps (its slice holds the last step's gradient, which must
+    not be averaged again)."""
     from ifc_ds.engine import FlatGradients
 
     torch.manual_seed(0)
@@ -116,28 +118,43 @@ def _flat_gradients(rank, world):
                                 torch.nn.LazyLinear(2))
     model(torch.zeros(1, 3, 6, 6))
     model.to(memory_format=torch.channels_last)
-    flat = FlatGradients(model)
+    unused = torch.nn.Parameter(torch.ones(3))  # reached by the loss only in some steps, on rank 1
+    params = [*model.parameters(), unused]
+    holder = torch.nn.ParameterList(params)
+    flat = FlatGradients(holder)
     assert flat.mode == FlatGradients.NODE_BUFFERS and flat.flat.data_ptr() == flat.node.own.data_ptr()
     gen = torch.Generator().manual_seed(rank)
-    for step in range(3):
-        x = torch.randn(5, 3, 6, 6, generator=gen)
-        for p in model.parameters():
+
+    def loss_of(x, step):
+        loss = model(x).square().sum()
+        return loss + unused.square().sum() * (step + 1) if rank == 1 and step % 2 == 0 else loss
+
+    for step in range(4):
+        micro_batches = [torch.randn(5, 3, 6, 6, generator=gen) for _ in range(1 + step % 2)]
+        for p in params:
             p.grad = None
-        model(x).square().sum().backward()  # the reference: this rank's own gradients
-        mine = [p.grad.clone() for p in model.parameters()]
-        for p in model.parameters():
+        for x in micro_batches:
+            loss_of(x, step).backward()  # the reference: this rank's own gradients, accumulated
+        mine = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        for p in params:
             p.grad = None  # (what the engine's step leaves)
         flat.attach()
-        model(x).square().sum().backward()
+        for x in micro_batches:
+            loss_of(x, step).backward()
         assert model[0].weight.grad.is_contiguous(memory_format=torch.channels_last)
         flat.all_reduce()
-        for own, p in zip(mine, model.parameters()):
+        for own, p in zip(mine, params):
             every = _rows_of_every_rank(own, world)
             assert torch.equal(p.grad, (every[0] + every[1]) / 2), step
-        if step == 1:  # another way for one step (train_step.py compares them): the buffer is zeroed after
+        if step == 1:  # another way for one step (train_step.py compares them)
             flat.mode = FlatGradients.PROCESS_GROUP
         else:
             flat.mode = FlatGradients.NODE_BUFFERS
+    before = flat.flat.clone()
+    for p in params:  # outside a step (attach .. all_reduce) a backward leaves the buffer alone
+        p.grad = None
+    model(torch.randn(5, 3, 6, 6, generator=gen)).sum().backward()
+    assert torch.equal(flat.flat, before) and model[0].weight.grad.data_ptr() != flat.flat.data_ptr()
 
 
 def test_flat_gradients_average_in_the_node_buffers():

@@ -310,7 +310,8 @@ def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_
             # after deepspeed.initialize: its parameter broadcast needs the plain layout. .to() swaps each
             # parameter's data in place, so the optimizer keeps its references
             bb_engine.module.to(memory_format=torch.channels_last)
-        flat_grads = FlatGradients(bb_engine.module, cfg.dist.timeout_s, cfg.output_dir)
+        flat_grads = FlatGradients(bb_engine.module, cfg.dist.timeout_s, cfg.output_dir,
+                                   step_writes_gradients=bb_engine.gradient_clipping() > 0)
         bb_engine.enable_backward_allreduce = False  # FlatGradients averages, in place
     return Engines(backbone=bb_engine, classifier=clf_engine, base_lr=lr, schedule=plan,
                    accumulation_steps=ds_cfg["gradient_accumulation_steps"],
@@ -330,26 +331,33 @@ class FlatGradients:
     DeepSpeed's ZeRO-0 all-reduce concatenates every gradient into a fresh flat tensor, reduces it
     and copies the result back: on a CPU that is most of its cost (profiled, ResNet-18 on 2 ranks:
     ~120 ms of copies around a ~40 ms all-reduce, see benchmarks/README.md). Here each parameter's
-    ``.grad`` is a view of one persistent flat buffer (in the parameter's own memory format, so
-    channels-last weights get channels-last gradients), autograd accumulates into it in place, and
-    the buffer is averaged in place, like DDP's ``gradient_as_bucket_view``. How (``mode``):
+    gradient lands in its slice of one persistent flat buffer (in the parameter's own memory format, so
+    channels-last weights get channels-last gradients), and the buffer is averaged in place, like DDP's
+    ``gradient_as_bucket_view``. A step's first backward writes each gradient into its slice once:
+    the gradients start as None, and a post-accumulate hook copies the tensor autograd made into the
+    slice and makes the slice the ``.grad``, which later micro-batches accumulate into. Accumulating
+    the first backward into zeroed slices instead reads the zeros and needs a zeroing pass every
+    step: 10.3 against 6.5 ms per step for ResNet-18's 11.5 M gradients on this CPU
+    (``benchmarks/step_parts.py``). How the buffer is averaged (``mode``):
 
     * ``NODE_BUFFERS``: every rank on one CPU node: the buffers of all ranks are rows of one
       shared-memory mapping (``node_buffers.NodeBuffers``), averaged where they lie into a mean row
-      that every rank's optimizer step reads (the ``.grad`` views move there), and zeroed in the same
-      pass, so the next ``attach`` has nothing to zero;
+      that every rank's optimizer step reads (the ``.grad`` views move there). Where the step writes
+      the gradients (``step_writes_gradients``: DeepSpeed's gradient clipping scales them in place),
+      each rank copies the mean into its own row first: every rank scaling the one shared row would
+      scale it once per rank, racing;
     * ``DEEPSPEED_SHM``: DeepSpeed's shared-memory all-reduce (where the node-shared mapping could not
       be made), under a watchdog of ``timeout_s`` since it has no timeout of its own;
     * ``PROCESS_GROUP``: torch.distributed's all-reduce (several nodes, or a GPU)."""
 
     NODE_BUFFERS, DEEPSPEED_SHM, PROCESS_GROUP = "node-shared buffers", "DeepSpeed's shared memory", "process group"
 
-    def __init__(self, module: nn.Module, timeout_s: float = 300.0, output_dir: str = "."):
+    def __init__(self, module: nn.Module, timeout_s: float = 300.0, output_dir: str = ".",
+                 step_writes_gradients: bool = False):
         params = [p for p in module.parameters() if p.requires_grad]
         numel, dtype, device = sum(p.numel() for p in params), params[0].dtype, params[0].device
         self.node = NodeBuffers.create(numel, dtype) if device.type == "cpu" else None  # (collective)
         self.flat = self.node.own if self.node is not None else torch.zeros(numel, dtype=dtype, device=device)
-        self._zeroed = True  # the flat buffer holds zeros (NodeBuffers.create and average_ zero it)
         self.watchdog = None
         if shared_memory.all_reduce_applies(self.flat):
             self.watchdog = Watchdog(timeout_s, "a peer rank died or a collective timed out; restart with "
@@ -360,29 +368,42 @@ class FlatGradients:
         if collectives.size() > 1:
             log.info("backbone gradients: averaged through %s (%d ranks)", self.mode, collectives.size())
         self.views = _views_of(self.flat, params)  # [(param, its gradient's view of the flat buffer)]
-        self.mean_views = _views_of(self.node.mean, params) if self.node is not None else None
+        shared_mean = self.node is not None and not step_writes_gradients
+        self.mean_views = _views_of(self.node.mean, params) if shared_mean else None
+        self.collecting = False  # between attach and all_reduce: gradients go into the buffer
+        for param, view in self.views:
+            param.register_post_accumulate_grad_hook(self._into_buffer(view))
 
-    def zero_(self) -> None:
-        """Zeroes this rank's buffer now (``attach`` then has nothing to zero)."""
-        self.flat.zero_()
-        self._zeroed = True
+    def _into_buffer(self, view: torch.Tensor):
+        def hook(param: torch.Tensor) -> None:
+            # the step's first gradient of this parameter is autograd's own tensor: copy it into the
+            # buffer (the slice's old contents are overwritten, never read); later ones accumulate there
+            if self.collecting and param.grad.data_ptr() != view.data_ptr():
+                view.copy_(param.grad)
+                param.grad = view
+        return hook
 
     def attach(self) -> None:
-        """Before a step's first backward: zeroed views as the gradients (the engine's step drops them)."""
-        if not self._zeroed:
-            self.zero_()
-        self._zeroed = False
-        for param, view in self.views:
-            param.grad = view
+        """Before a step's first backward: no gradients yet (the engine's step drops them too)."""
+        self.collecting = True
+        for param, _ in self.views:
+            param.grad = None
 
     def all_reduce(self) -> None:
         """After a step's last backward: the mean over the data-parallel ranks as the gradients."""
+        self.collecting = False
+        for param, view in self.views:
+            if param.grad is None:  # no backward reached it this step: its slice holds an older gradient
+                view.zero_()
+                param.grad = view
         world = collectives.size()
         if world == 1:
             return
         if self.mode == self.NODE_BUFFERS:
             self.node.average_()
-            self._zeroed = True
+            if self.mean_views is None:  # the step scales the gradients: into this rank's own row
+                self.flat.copy_(self.node.mean)
+                return
             for param, view in self.mean_views:
                 param.grad = view
             return

@@ -3,18 +3,17 @@
 Where every rank of the world runs on one CPU node, rank r's flat gradients are row r of a
 ``[world + 1, n]`` tensor that every rank maps from one ``/dev/shm`` file; the last row is the mean,
 which every rank's optimizer step reads. Rank r reduces slice r: in cache-sized chunks it sums that
-slice of every rank's row (in rank order), divides by the world size, writes the mean row, and zeroes
-the slice of every rank's row for the next step's backward while it is still in cache. Per rank that
-is one read of the world's rows over its slice and two writes, with no copies in or out and no
-separate zeroing pass. DeepSpeed's shared-memory all-reduce (``shared_memory.all_reduce_``) copies
-the whole buffer into its workspace and the result back out, and the buffer is zeroed in a pass of
-its own: profiled inside the trainer step, 38 ms + 6 ms of a 674 ms step on 2 ranks
-(``benchmarks/README.md``).
+slice of every rank's row (in rank order), divides by the world size and writes the mean row. Per
+rank that is one read of the world's rows over its slice and one write, with no copies in or out.
+The rows need no zeroing: a step's first backward overwrites its rank's row (``FlatGradients``).
+DeepSpeed's shared-memory all-reduce (``shared_memory.all_reduce_``) copies the whole buffer into its
+workspace and the result back out: profiled inside the trainer step, 38 ms + 6 ms of a 674 ms step on
+2 ranks (``benchmarks/README.md``).
 
 Written by hand because nothing else does it: gloo's all-reduce goes through loopback TCP, and
 neither torch.distributed nor DeepSpeed reduces memory the ranks already share. The barriers between
-the phases are gloo collectives, so a dead peer becomes an error after the process group's timeout
-instead of a hang, and no watchdog is needed.
+the phases are ``collectives.step_barrier`` (the node sum under its watchdog, else gloo's barrier), so
+a dead peer becomes an error after a timeout instead of a hang.
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ class NodeBuffers:
     ALIGN-padded apart): row r is rank r's buffer (``own`` for this rank), the last row the mean
     (``mean``). Rank r reduces ``rows[:, bounds[r]:bounds[r + 1]]``."""
 
-    CHUNK = 1 << 16  # elements reduced at a time: the world's rows of a chunk stay in L2 while zeroed
+    CHUNK = 1 << 16  # elements reduced at a time: the world's rows of a chunk stay in L2
 
     def __init__(self, rows: torch.Tensor, rank: int):
         self.rows, self.rank = rows, rank
@@ -65,7 +64,7 @@ class NodeBuffers:
 
     @property
     def own(self) -> torch.Tensor:
-        """``[n]``: this rank's buffer, zeroed by ``create`` and by every ``average_``."""
+        """``[n]``: this rank's buffer, zeroed by ``create``."""
         return self.rows[self.rank]
 
     @property
@@ -112,7 +111,7 @@ class NodeBuffers:
 
     def average_(self, group=None) -> None:
         """Collective: ``mean`` becomes the mean of the ranks' rows, summed in rank order (for 2 ranks,
-        bitwise gloo's sum divided by 2), and every rank's row is zeroed."""
+        bitwise gloo's sum divided by 2); the rows are left as they are."""
         world, rows = self.world, self.rows
         # every rank's backward has written its row, and every rank's last optimizer step has read the mean
         collectives.step_barrier(group)
@@ -123,7 +122,6 @@ class NodeBuffers:
             for r in range(2, world):
                 mean.add_(rows[r, chunk])
             mean.div_(world)
-            rows[:world, chunk].zero_()
-        # every slice is reduced and zeroed: the mean is complete, and no rank writes its row again
-        # (the next backward) before every rank has read it
+        # every slice is reduced: the mean is complete, and no rank writes its row again (the next
+        # backward) before every rank has read it
         collectives.step_barrier(group)
