@@ -310,8 +310,11 @@ def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_
             # after deepspeed.initialize: its parameter broadcast needs the plain layout. .to() swaps each
             # parameter's data in place, so the optimizer keeps its references
             bb_engine.module.to(memory_format=torch.channels_last)
+        # DeepSpeed's step scales the gradients in place to clip them, or to unscale them (torch autocast
+        # with a gradient scaler)
+        writes = bb_engine.gradient_clipping() > 0 or getattr(bb_engine, "torch_autocast_z0_gradscaler", None)
         flat_grads = FlatGradients(bb_engine.module, cfg.dist.timeout_s, cfg.output_dir,
-                                   step_writes_gradients=bb_engine.gradient_clipping() > 0)
+                                   step_writes_gradients=bool(writes))
         bb_engine.enable_backward_allreduce = False  # FlatGradients averages, in place
     return Engines(backbone=bb_engine, classifier=clf_engine, base_lr=lr, schedule=plan,
                    accumulation_steps=ds_cfg["gradient_accumulation_steps"],
@@ -336,14 +339,15 @@ class FlatGradients:
     ``gradient_as_bucket_view``. A step's first backward writes each gradient into its slice once:
     the gradients start as None, and a post-accumulate hook copies the tensor autograd made into the
     slice and makes the slice the ``.grad``, which later micro-batches accumulate into. Accumulating
-    the first backward into zeroed slices instead reads the zeros and needs a zeroing pass every
-    step: 10.3 against 6.5 ms per step for ResNet-18's 11.5 M gradients on this CPU
+    the first backward into zeroed slices instead needs the slices zeroed for every step: given
+    ResNet-18's 11.5 M gradients, 10.3 ms with a zeroing pass against 6.5 ms copied, on this CPU
     (``benchmarks/step_parts.py``). How the buffer is averaged (``mode``):
 
     * ``NODE_BUFFERS``: every rank on one CPU node: the buffers of all ranks are rows of one
       shared-memory mapping (``node_buffers.NodeBuffers``), averaged where they lie into a mean row
       that every rank's optimizer step reads (the ``.grad`` views move there). Where the step writes
-      the gradients (``step_writes_gradients``: DeepSpeed's gradient clipping scales them in place),
+      the gradients (``step_writes_gradients``: DeepSpeed's gradient clipping or its autocast gradient
+      scaler scales them in place),
       each rank copies the mean into its own row first: every rank scaling the one shared row would
       scale it once per rank, racing;
     * ``DEEPSPEED_SHM``: DeepSpeed's shared-memory all-reduce (where the node-shared mapping could not
