@@ -120,6 +120,58 @@ def test_a_clipped_backbone_steps_alike_through_the_node_buffers_and_gloo(tmp_pa
     run_ranks(_backbone_clip, 2, str(tmp_path))
 
 
+def _shared_step(rank, world_size, tmp):
+    """The backbone's SGD step on node-shared weights and momentum, each rank stepping its slice, gives
+    bitwise the weights and momentum of every rank stepping everything, step after step and across a
+    checkpoint saved, wiped and loaded in the middle (torch's load_state_dict replaces the momentum
+    buffers: their values must reach the shared row); the checkpoint is no larger."""
+    from pathlib import Path
+
+    from ifc_ds.engine import shared_step
+
+    runs = {}
+    for shared in (True, False):
+        create = shared_step.SharedSGDStep.create
+        if not shared:
+            shared_step.SharedSGDStep.create = classmethod(lambda cls, *args: None)
+        try:
+            engines, encoder, _ = _build(rank, world_size, "ds_configs/zero0_fp32.json")
+        finally:
+            shared_step.SharedSGDStep.create = create
+        optimizer = engines.backbone.optimizer
+        assert (optimizer.shared_step is not None) == shared
+        gen = torch.Generator().manual_seed(11 + rank)
+        states = []
+        for step in range(4):
+            if step == 2:  # a checkpoint round trip into wiped weights and momentum, as a resume loads
+                folder = Path(tmp) / f"shared{shared}"
+                folder.mkdir(exist_ok=True)
+                engines.save_state(folder)
+                with torch.no_grad():
+                    for p in encoder.parameters():
+                        p.zero_()
+                        optimizer.state[p]["momentum_buffer"].zero_()
+                dist.barrier()
+                engines.load_state(folder, same_world=True)
+            train_step(engines, torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, N, (4,), generator=gen),
+                       0, 0.0)
+            optimizer_step(engines)
+            states.append(([p.detach().clone() for p in encoder.parameters()],
+                           [optimizer.state[p]["momentum_buffer"].clone() for p in encoder.parameters()]))
+        size = (folder / "engine" / "backbone" / "mp_rank_00_model_states.pt").stat().st_size
+        runs[shared] = states, size
+    (shared_states, shared_size), (own_states, own_size) = runs[True], runs[False]
+    for step, ((weights, buffers), (own_weights, own_buffers)) in enumerate(zip(shared_states, own_states)):
+        assert all(torch.equal(a, b) for a, b in zip(weights, own_weights)), step
+        assert all(torch.equal(a, b) for a, b in zip(buffers, own_buffers)), step
+    assert any(not torch.equal(a, b) for a, b in zip(shared_states[0][0], shared_states[-1][0]))  # they moved
+    assert abs(shared_size - own_size) < 0.01 * own_size, (shared_size, own_size)
+
+
+def test_the_shared_sgd_step_is_the_unshared_one(tmp_path):
+    run_ranks(_shared_step, 2, str(tmp_path))
+
+
 def test_warmup_cosine():
     values = [warmup_cosine(s, 10, 2, 0.0) for s in range(10)]
     assert values[0] == 0.5 and values[1] == 1.0 and values[-1] < 0.05

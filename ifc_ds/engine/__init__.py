@@ -46,6 +46,7 @@ from ifc_ds.dist import EXIT_PEER_LOST, Watchdog
 from ifc_ds.engine import shared_memory
 from ifc_ds.engine.fused_sgd import DenseFusedSGD
 from ifc_ds.engine.node_buffers import NodeBuffers
+from ifc_ds.engine.shared_step import SharedSGDStep
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
@@ -315,6 +316,8 @@ def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_
         writes = bb_engine.gradient_clipping() > 0 or getattr(bb_engine, "torch_autocast_z0_gradscaler", None)
         flat_grads = FlatGradients(bb_engine.module, cfg.dist.timeout_s, cfg.output_dir,
                                    step_writes_gradients=bool(writes))
+        if isinstance(bb_engine.optimizer, DenseFusedSGD):  # (collective)
+            bb_engine.optimizer.shared_step = SharedSGDStep.create(flat_grads, bb_engine.optimizer)
         bb_engine.enable_backward_allreduce = False  # FlatGradients averages, in place
     return Engines(backbone=bb_engine, classifier=clf_engine, base_lr=lr, schedule=plan,
                    accumulation_steps=ds_cfg["gradient_accumulation_steps"],
@@ -359,7 +362,7 @@ class FlatGradients:
     def __init__(self, module: nn.Module, timeout_s: float = 300.0, output_dir: str = ".",
                  step_writes_gradients: bool = False):
         params = [p for p in module.parameters() if p.requires_grad]
-        numel, dtype, device = sum(p.numel() for p in params), params[0].dtype, params[0].device
+        numel, dtype, device = _flat_offsets(params)[1], params[0].dtype, params[0].device
         self.node = NodeBuffers.create(numel, dtype) if device.type == "cpu" else None  # (collective)
         self.flat = self.node.own if self.node is not None else torch.zeros(numel, dtype=dtype, device=device)
         self.watchdog = None
@@ -419,13 +422,21 @@ class FlatGradients:
         self.flat.div_(world)
 
 
-def _views_of(flat: torch.Tensor, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each parameter's slice of ``flat``, in the parameter's own memory format (so channels-last
-    weights get channels-last gradients)."""
-    views, offset = [], 0
+def _flat_offsets(params: list[torch.Tensor]) -> tuple[list[int], int]:
+    """Where each parameter starts in a flat buffer (one after the other), and the buffer's length."""
+    offsets, offset = [], 0
     for p in params:
-        chunk = flat[offset:offset + p.numel()]
+        offsets.append(offset)
         offset += p.numel()
+    return offsets, offset
+
+
+def _views_of(flat: torch.Tensor, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each parameter's slice of ``flat`` (laid out by ``_flat_offsets``), in the parameter's own memory
+    format (so channels-last weights get channels-last gradients)."""
+    views = []
+    for p, offset in zip(params, _flat_offsets(params)[0]):
+        chunk = flat[offset:offset + p.numel()]
         if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
             n, c, h, w = p.shape
             view = chunk.view(n, h, w, c).permute(0, 3, 1, 2)  # channels-last strides

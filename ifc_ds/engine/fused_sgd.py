@@ -42,6 +42,7 @@ class DenseFusedSGD(torch.optim.SGD):
 
     def __init__(self, params, **kwargs):
         super().__init__(params, **{**kwargs, "fused": True})
+        self.shared_step = None  # a SharedSGDStep: the ranks of a CPU node step slices of shared weights
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -49,6 +50,9 @@ class DenseFusedSGD(torch.optim.SGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.shared_step is not None:
+            self.shared_step.step()
+            return loss
         for group in self.param_groups:
             params, grads, buffers = [], [], []
             sparse = self._init_group(group, params, grads, buffers)

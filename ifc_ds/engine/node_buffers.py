@@ -45,7 +45,7 @@ def _allocate(path: Path, nbytes: int) -> bool:
             os.close(fd)
         return True
     except OSError as exc:  # the ranks still meet in create, and all go without
-        log.info("backbone gradients: cannot allocate %.0f MiB at %s: %s", nbytes / 2**20, path, exc)
+        log.info("node-shared memory: cannot allocate %.0f MiB at %s: %s", nbytes / 2**20, path, exc)
         return False
 
 
@@ -76,38 +76,12 @@ class NodeBuffers:
     def create(cls, numel: int, dtype: torch.dtype, group=None) -> NodeBuffers | None:
         """Collective over ``group`` (every rank passes the same ``numel`` and ``dtype``). Returns
         zeroed buffers, or None on every rank when the ranks are not all on one node or ``/dev/shm``
-        lacks room on one of them. The file is unlinked once every rank has mapped it, so the memory
-        goes with the last process."""
-        world, rank = collectives.size(group), collectives.rank_in(group)
+        lacks room on one of them."""
+        world = collectives.size(group)
         if world < 2:
             return None
-        stride = -(-numel // ALIGN) * ALIGN
-        nbytes = (world + 1) * stride * torch.empty((), dtype=dtype).element_size()
-        token = collectives.broadcast_object(uuid.uuid4().hex if rank == 0 else None, group=group)
-        path = Path("/dev/shm") / f"ifc_ds-grads-{token}.bin"
-        room = shared_memory_has_room(nbytes)
-        try:
-            if rank == 0 and room:
-                room = _allocate(path, nbytes)
-            collectives.barrier(group)
-            rows = None
-            if room:
-                try:  # mode r+ opens without creating: a rank on another node does not find rank 0's file
-                    mapped = np.memmap(path, dtype=np.uint8, mode="r+", shape=(nbytes,))
-                    rows = torch.from_numpy(mapped).view(dtype).view(world + 1, stride)[:, :numel]
-                except (OSError, ValueError) as exc:
-                    log.info("backbone gradients: cannot map %s: %s", path, exc)
-            everyone = bool(collectives.all_reduce_min(torch.tensor([rows is not None], dtype=torch.uint8),
-                                                       group).item())
-        finally:
-            if rank == 0:  # every rank that could map it has (the all-reduce above), or a rank failed
-                path.unlink(missing_ok=True)
-        collectives.barrier(group)  # returned on any rank: the name is gone from /dev/shm
-        if not everyone:
-            log.info("backbone gradients: no node-shared buffers (the ranks are on several nodes, or "
-                     "/dev/shm lacks %.0f MiB on one of them)", nbytes / 2**20)
-            return None
-        return cls(rows, rank)
+        rows = map_node_shared(world + 1, numel, dtype, "grads", group)
+        return None if rows is None else cls(rows, collectives.rank_in(group))
 
     def average_(self, group=None) -> None:
         """Collective: ``mean`` becomes the mean of the ranks' rows, summed in rank order (for 2 ranks,
@@ -125,3 +99,38 @@ class NodeBuffers:
         # every slice is reduced: the mean is complete, and no rank writes its row again (the next
         # backward) before every rank has read it
         collectives.step_barrier(group)
+
+
+def map_node_shared(num_rows: int, numel: int, dtype: torch.dtype, what: str, group=None) -> torch.Tensor | None:
+    """Collective over ``group``: zeroed ``[num_rows, numel]`` (each row contiguous, rows ALIGN-padded
+    apart) in one ``/dev/shm`` mapping that every rank maps, or None on every rank when the ranks are
+    not all on one node or ``/dev/shm`` lacks room on one of them. The file is unlinked once every
+    rank has mapped it, so the memory goes with the last process. ``what`` names the file and the logs."""
+    rank = collectives.rank_in(group)
+    stride = -(-numel // ALIGN) * ALIGN
+    nbytes = num_rows * stride * torch.empty((), dtype=dtype).element_size()
+    token = collectives.broadcast_object(uuid.uuid4().hex if rank == 0 else None, group=group)
+    path = Path("/dev/shm") / f"ifc_ds-{what}-{token}.bin"
+    room = shared_memory_has_room(nbytes)
+    try:
+        if rank == 0 and room:
+            room = _allocate(path, nbytes)
+        collectives.barrier(group)
+        rows = None
+        if room:
+            try:  # mode r+ opens without creating: a rank on another node does not find rank 0's file
+                mapped = np.memmap(path, dtype=np.uint8, mode="r+", shape=(nbytes,))
+                rows = torch.from_numpy(mapped).view(dtype).view(num_rows, stride)[:, :numel]
+            except (OSError, ValueError) as exc:
+                log.info("node-shared %s: cannot map %s: %s", what, path, exc)
+        everyone = bool(collectives.all_reduce_min(torch.tensor([rows is not None], dtype=torch.uint8),
+                                                   group).item())
+    finally:
+        if rank == 0:  # every rank that could map it has (the all-reduce above), or a rank failed
+            path.unlink(missing_ok=True)
+    collectives.barrier(group)  # returned on any rank: the name is gone from /dev/shm
+    if not everyone:
+        log.info("node-shared %s: none (the ranks are on several nodes, or /dev/shm lacks %.0f MiB on one "
+                 "of them)", what, nbytes / 2**20)
+        return None
+    return rows
