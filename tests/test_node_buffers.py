@@ -19,7 +19,7 @@ def _rows_of_every_rank(own: torch.Tensor, world: int) -> list[torch.Tensor]:
 
 
 def _ours() -> set[str]:
-    return set(glob.glob("/dev/shm/ifc_ds-grads-*"))
+    return set(glob.glob("/dev/shm/ifc_ds-*"))
 
 
 def _average(rank, world):
@@ -109,8 +109,9 @@ def _flat_gradients(rank, world):
     """The backbone's gradient buffer lives in the node-shared rows: after the backwards of a step and
     the average, each parameter's .grad (channels-last ones included) is the mean of the ranks'
     gradients, step after step: with two micro-batches accumulating, and with a parameter that this
-    rank's backward does not reach in some steps (its slice holds the last step's gradient, which must
-    not be averaged again)."""
+    rank's backward reaches in some steps, in one step only in the second micro-batch (its first
+    gradient of the step arrives then), and in others not at all (its slice holds an older gradient,
+    which must not be averaged again)."""
     from ifc_ds.engine import FlatGradients
 
     torch.manual_seed(0)
@@ -118,29 +119,30 @@ def _flat_gradients(rank, world):
                                 torch.nn.LazyLinear(2))
     model(torch.zeros(1, 3, 6, 6))
     model.to(memory_format=torch.channels_last)
-    unused = torch.nn.Parameter(torch.ones(3))  # reached by the loss only in some steps, on rank 1
+    unused = torch.nn.Parameter(torch.ones(3))  # reached by the loss only in some micro-batches, on rank 1
     params = [*model.parameters(), unused]
     holder = torch.nn.ParameterList(params)
     flat = FlatGradients(holder)
     assert flat.mode == FlatGradients.NODE_BUFFERS and flat.flat.data_ptr() == flat.node.own.data_ptr()
     gen = torch.Generator().manual_seed(rank)
 
-    def loss_of(x, step):
+    def loss_of(x, step, micro):
         loss = model(x).square().sum()
-        return loss + unused.square().sum() * (step + 1) if rank == 1 and step % 2 == 0 else loss
+        reached = rank == 1 and (step % 2 == 0 or (step == 1 and micro == 1))
+        return loss + unused.square().sum() * (step + 1) if reached else loss
 
     for step in range(4):
         micro_batches = [torch.randn(5, 3, 6, 6, generator=gen) for _ in range(1 + step % 2)]
         for p in params:
             p.grad = None
-        for x in micro_batches:
-            loss_of(x, step).backward()  # the reference: this rank's own gradients, accumulated
+        for micro, x in enumerate(micro_batches):
+            loss_of(x, step, micro).backward()  # the reference: this rank's own gradients, accumulated
         mine = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
         for p in params:
             p.grad = None  # (what the engine's step leaves)
         flat.attach()
-        for x in micro_batches:
-            loss_of(x, step).backward()
+        for micro, x in enumerate(micro_batches):
+            loss_of(x, step, micro).backward()
         assert model[0].weight.grad.is_contiguous(memory_format=torch.channels_last)
         flat.all_reduce()
         for own, p in zip(mine, params):

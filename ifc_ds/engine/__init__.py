@@ -343,8 +343,10 @@ class FlatGradients:
     the gradients start as None, and a post-accumulate hook copies the tensor autograd made into the
     slice and makes the slice the ``.grad``, which later micro-batches accumulate into. Accumulating
     the first backward into zeroed slices instead needs the slices zeroed for every step: given
-    ResNet-18's 11.5 M gradients, 10.3 ms with a zeroing pass against 6.5 ms copied, on this CPU
-    (``benchmarks/step_parts.py``). How the buffer is averaged (``mode``):
+    ResNet-18's 11.5 M gradients on this CPU, 10.3 ms with a separate zeroing pass against 6.5 ms
+    copied (``benchmarks/step_parts.py``); the node-shared average used to zero its rows in its own
+    pass, and there the backward and the average took about 4 ms less per step (benchmarks/README.md).
+    How the buffer is averaged (``mode``):
 
     * ``NODE_BUFFERS``: every rank on one CPU node: the buffers of all ranks are rows of one
       shared-memory mapping (``node_buffers.NodeBuffers``), averaged where they lie into a mean row

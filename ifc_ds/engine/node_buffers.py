@@ -5,7 +5,8 @@ Where every rank of the world runs on one CPU node, rank r's flat gradients are 
 which every rank's optimizer step reads. Rank r reduces slice r: in cache-sized chunks it sums that
 slice of every rank's row (in rank order), divides by the world size and writes the mean row. Per
 rank that is one read of the world's rows over its slice and one write, with no copies in or out.
-The rows need no zeroing: a step's first backward overwrites its rank's row (``FlatGradients``).
+The rows need no zeroing pass: a step's first backward overwrites its rank's row (``FlatGradients``
+zeroes only the slices of parameters that no backward reached).
 DeepSpeed's shared-memory all-reduce (``shared_memory.all_reduce_``) copies the whole buffer into its
 workspace and the result back out: profiled inside the trainer step, 38 ms + 6 ms of a 674 ms step on
 2 ranks (``benchmarks/README.md``).

@@ -103,7 +103,7 @@ class SharedSGDStep:
     def _adopt_momentum(self) -> bool:
         """The momentum buffers as views of the shared row. Torch's ``load_state_dict`` (a checkpoint)
         replaces them with tensors of its own: their values are copied in (the same on every rank) and
-        the views put back. Returns whether anything was copied (the caller then waits for every rank)."""
+        the views put back. Returns whether anything was copied."""
         copied = False
         for param in self.params:
             view, state = self.momentum_views[param], self.optimizer.state[param]
@@ -122,8 +122,8 @@ class SharedSGDStep:
     def step(self) -> None:
         """Collective: this rank's slice of every weight and momentum buffer updated from the averaged
         gradients; returns once every rank's slice is."""
-        if self._adopt_momentum():
-            collectives.barrier()  # no rank updates a slice another is still copying into
+        self._adopt_momentum()
+        collectives.step_barrier()  # no rank updates a slice another may still be copying a loaded state into
         flat = self.flat_grads
         grads = flat.node.mean if flat.mode == flat.NODE_BUFFERS else flat.flat  # (averaged in place there)
         for group, runs in zip(self.optimizer.param_groups, self.runs):
