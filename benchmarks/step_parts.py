@@ -110,14 +110,19 @@ def small_sums() -> dict:
         return torch.load(out)
 
 
-def optimizer_steps() -> dict:
+def _resnet18_channels_last():
+    """ResNet-18 + head at 32 px with channels-last weights, as the trainer holds it (1 thread)."""
     from ifc_ds.config import load_config
-    from ifc_ds.engine import make_optimizer, param_groups
     from ifc_ds.model import InstanceEncoder
 
     torch.set_num_threads(1)
-    encoder = InstanceEncoder(load_config(None, ["model.name=resnet18"]).model, 32)
-    encoder.to(memory_format=torch.channels_last)
+    return InstanceEncoder(load_config(None, ["model.name=resnet18"]).model, 32).to(memory_format=torch.channels_last)
+
+
+def optimizer_steps() -> dict:
+    from ifc_ds.engine import make_optimizer, param_groups
+
+    encoder = _resnet18_channels_last()
     grads = [torch.randn_like(p) for p in encoder.parameters()]
 
     def regrad():
@@ -143,13 +148,9 @@ def optimizer_steps() -> dict:
 def gradient_landing() -> dict:
     """What a step pays to get autograd's gradients into the flat buffer, with the gradients given:
     fresh tensors per step, as a backward makes them."""
-    from ifc_ds.config import load_config
     from ifc_ds.engine import _views_of
-    from ifc_ds.model import InstanceEncoder
 
-    torch.set_num_threads(1)
-    encoder = InstanceEncoder(load_config(None, ["model.name=resnet18"]).model, 32)
-    params = list(encoder.to(memory_format=torch.channels_last).parameters())
+    params = list(_resnet18_channels_last().parameters())
     flat = torch.zeros(sum(p.numel() for p in params))
     views = [view for _, view in _views_of(flat, params)]
     state = {}

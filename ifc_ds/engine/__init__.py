@@ -44,7 +44,7 @@ from ifc_ds import collectives
 from ifc_ds.config import Config, ConfigError
 from ifc_ds.dist import EXIT_PEER_LOST, Watchdog
 from ifc_ds.engine import shared_memory
-from ifc_ds.engine.fused_sgd import DenseFusedSGD
+from ifc_ds.engine.fused_sgd import DenseFusedSGD, _dense
 from ifc_ds.engine.node_buffers import NodeBuffers
 from ifc_ds.engine.shared_step import SharedSGDStep
 
@@ -352,9 +352,8 @@ class FlatGradients:
       shared-memory mapping (``node_buffers.NodeBuffers``), averaged where they lie into a mean row
       that every rank's optimizer step reads (the ``.grad`` views move there). Where the step writes
       the gradients (``step_writes_gradients``: DeepSpeed's gradient clipping or its autocast gradient
-      scaler scales them in place),
-      each rank copies the mean into its own row first: every rank scaling the one shared row would
-      scale it once per rank, racing;
+      scaler scales them in place), each rank copies the mean into its own row first: every rank
+      scaling the one shared row would scale it once per rank, racing;
     * ``DEEPSPEED_SHM``: DeepSpeed's shared-memory all-reduce (where the node-shared mapping could not
       be made), under a watchdog of ``timeout_s`` since it has no timeout of its own;
     * ``PROCESS_GROUP``: torch.distributed's all-reduce (several nodes, or a GPU)."""
@@ -434,17 +433,15 @@ def _flat_offsets(params: list[torch.Tensor]) -> tuple[list[int], int]:
 
 
 def _views_of(flat: torch.Tensor, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each parameter's slice of ``flat`` (laid out by ``_flat_offsets``), in the parameter's own memory
-    format (so channels-last weights get channels-last gradients)."""
+    """Each parameter's slice of ``flat`` (laid out by ``_flat_offsets``) with the parameter's own strides
+    where it is dense (channels-last weights get channels-last gradients; the slice in memory order is
+    the parameter's), else contiguous. Own strides, not merely the memory format: a 1x1 convolution's
+    channels-last weight is contiguous too, and as a weight with contiguous strides it gave oneDNN's
+    convolutions results that differ in the last bits (``shared_step`` makes weights of such views)."""
     views = []
     for p, offset in zip(params, _flat_offsets(params)[0]):
         chunk = flat[offset:offset + p.numel()]
-        if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
-            n, c, h, w = p.shape
-            view = chunk.view(n, h, w, c).permute(0, 3, 1, 2)  # channels-last strides
-        else:
-            view = chunk.view(p.shape)
-        views.append((p, view))
+        views.append((p, chunk.as_strided(p.shape, p.stride()) if _dense(p) else chunk.view(p.shape)))
     return views
 
 

@@ -23,6 +23,7 @@ import torch
 from torch.optim.sgd import sgd
 
 from ifc_ds import collectives
+from ifc_ds.engine.fused_sgd import _dense
 from ifc_ds.engine.node_buffers import map_node_shared
 
 log = logging.getLogger(__name__)
@@ -34,33 +35,29 @@ class SharedSGDStep:
     ``DenseFusedSGD.step`` calls ``step`` when it has one."""
 
     def __init__(self, flat_grads, optimizer: torch.optim.Optimizer, weights: torch.Tensor, momentum: torch.Tensor):
-        from ifc_ds.engine import _flat_offsets  # (the package imports this module)
+        from ifc_ds.engine import _flat_offsets, _views_of  # (the package imports this module)
 
         self.flat_grads, self.optimizer = flat_grads, optimizer
         self.params = [param for param, _ in flat_grads.views]
         self.weights, self.momentum = weights, momentum  # [n] each, node-shared
-        self.offsets, _ = _flat_offsets(self.params)
-        # each view with its parameter's own strides (dense: its memory order is the row's); a 1x1
-        # convolution's channels-last weight is also contiguous, and the contiguous strides gave oneDNN's
-        # convolutions results different in the last bits
-        self.weight_views = [(p, weights[o:o + p.numel()].as_strided(p.shape, p.stride()))
-                             for p, o in zip(self.params, self.offsets)]
-        self.momentum_views = {p: momentum[o:o + p.numel()].as_strided(p.shape, p.stride())
-                               for p, o in zip(self.params, self.offsets)}
+        self.weight_views = _views_of(weights, self.params)  # (each with its parameter's strides)
+        self.momentum_views = dict(_views_of(momentum, self.params))
         node = flat_grads.node
         lo, hi = node.bounds[node.rank], node.bounds[node.rank + 1]
+        # the part of each parameter in this rank's slice: (param, its offset, start, end) in the flat order
+        self.parts = [(p, offset, max(lo, offset), min(hi, offset + p.numel()))
+                      for p, offset in zip(self.params, _flat_offsets(self.params)[0])
+                      if max(lo, offset) < min(hi, offset + p.numel())]
         group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
         # this rank's slice as runs of the flat order, per parameter group (adjacent runs merged)
         self.runs: list[list[tuple[int, int]]] = [[] for _ in optimizer.param_groups]
-        for param, offset in zip(self.params, self.offsets):
-            start, end = max(lo, offset), min(hi, offset + param.numel())
+        for param, _, start, end in self.parts:
             runs = self.runs[group_of[id(param)]]
-            if start < end:
-                if runs and runs[-1][1] == start:
-                    runs[-1] = (runs[-1][0], end)
-                else:
-                    runs.append((start, end))
-        self._share_weights(lo, hi)
+            if runs and runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], end)
+            else:
+                runs.append((start, end))
+        self._share_weights()
         self._adopt_momentum()
 
     @classmethod
@@ -70,8 +67,6 @@ class SharedSGDStep:
         the optimizer does not hold, or no room in ``/dev/shm``."""
         if flat_grads is None or flat_grads.mean_views is None:
             return None
-        from ifc_ds.engine.fused_sgd import _dense
-
         params = {id(param) for param, _ in flat_grads.views}
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         plain = all(group["momentum"] != 0 and group["dampening"] == 0 and not group["maximize"]
@@ -88,23 +83,20 @@ class SharedSGDStep:
                  collectives.size())
         return cls(flat_grads, optimizer, weights[0], momentum[0])
 
-    def _share_weights(self, lo: int, hi: int) -> None:
+    def _share_weights(self) -> None:
         """Every rank holds the same weights (DeepSpeed broadcast them): each copies its slice into the
         shared row, and once all have, every parameter's data becomes its view of the row."""
-        for param, offset in zip(self.params, self.offsets):
-            start, end = max(lo, offset), min(hi, offset + param.numel())
-            if start < end:  # the parameter's memory in order: its view of the row has the same strides
-                memory = param.data.as_strided((param.numel(),), (1,))
-                self.weights[start:end].copy_(memory[start - offset:end - offset])
+        for param, offset, start, end in self.parts:  # the parameter's memory in order, as its view's
+            memory = param.data.as_strided((param.numel(),), (1,))
+            self.weights[start:end].copy_(memory[start - offset:end - offset])
         collectives.barrier()
         for param, view in self.weight_views:
             param.data = view
 
-    def _adopt_momentum(self) -> bool:
+    def _adopt_momentum(self) -> None:
         """The momentum buffers as views of the shared row. Torch's ``load_state_dict`` (a checkpoint)
         replaces them with tensors of its own: their values are copied in (the same on every rank) and
-        the views put back. Returns whether anything was copied."""
-        copied = False
+        the views put back."""
         for param in self.params:
             view, state = self.momentum_views[param], self.optimizer.state[param]
             buffer = state.get("momentum_buffer")
@@ -115,8 +107,6 @@ class SharedSGDStep:
             else:
                 view.copy_(buffer)
             state["momentum_buffer"] = view
-            copied = True
-        return copied
 
     @torch.no_grad()
     def step(self) -> None:
