@@ -323,7 +323,7 @@ def main():
     parser.add_argument("--batch", type=int, default=128, help="per rank")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--chunk", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=16, help="timed steps per row (interleaved)")
+    parser.add_argument("--steps", type=int, default=24, help="timed steps per row (interleaved)")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="per rank, in every row and in train.py")
     parser.add_argument("--end-to-end", action="store_true", help="also run train.py on CIFAR-10")
@@ -345,7 +345,8 @@ def main():
     results = saved["rows"]
     ranks, threads = f"{args.ranks} rank{'s' * (args.ranks != 1)}", f"{args.threads} thread{'s' * (args.threads != 1)}"
     print(f"{ranks} x {threads}, {args.model} 32x32, {args.batch} images/rank, "
-          f"N={args.instances:,}, {args.steps} timed steps each, interleaved step by step\n")
+          f"N={args.instances:,}, {args.steps} timed steps each, interleaved step by step (a round: one step of "
+          f"every row)\n")
     base = statistics.median(results["with classifier"])
     alone = statistics.median(results["encoder alone"])
     print("| step | ms median (min-max) | images/s per rank | x with classifier |")
@@ -357,15 +358,19 @@ def main():
     if e2e is not None:
         print(f"| end to end: train.py, CIFAR-10 (median of its logged intervals, separate run) | "
               f"{args.batch / e2e * 1e3:.0f} | {e2e:.1f} | {args.batch / e2e / base:.3f} |")
-        fed = statistics.median(results[FED_ROW])
-        print(f"\nwith the data path / trainer step on batches in memory: {base / fed:.3f} (target >= 0.95)")
-        print(f"with the data path / encoder step alone, channels-last weights: {alone / fed:.3f} (target >= 0.85)")
-        print(f"with the data path / encoder step alone on the slower rank of each step: "
-              f"{statistics.median(results[SLOWER_ROW]) / fed:.3f}")
+        fed = results[FED_ROW]
+        print("\n| fed step (with the data path) against | ratio of medians | median of per-round ratios | target |")
+        print("|---|---|---|---|")
+        for name, row, target in (("the trainer step on batches in memory", "with classifier", ">= 0.95"),
+                                  ("the encoder step alone, channels-last weights (rank 0)", "encoder alone",
+                                   ">= 0.85"),
+                                  ("the encoder step alone on the slower rank of each step", SLOWER_ROW, "")):
+            print(f"| {name} | {statistics.median(results[row]) / statistics.median(fed):.3f} | "
+                  f"{_per_round(results[row], fed):.3f} | {target} |")
         # the ratio above divides by rank 0's encoder alone; where one core is slower than the other, the
         # fed step is bound by it, so each rank's own is shown too (the target stays on rank 0's)
-        own = [1e-3 * _phase_medians(rank["encoder alone"])[TOTAL] / fed for rank in saved["phases"]]
-        print("with the data path / each rank's own encoder step alone: "
+        own = [1e-3 * _phase_medians(rank["encoder alone"])[TOTAL] / statistics.median(fed) for rank in saved["phases"]]
+        print("\nwith the data path / each rank's own encoder step alone (ratio of medians): "
               + ", ".join(f"rank {r} {ratio:.3f}" for r, ratio in enumerate(own))
               + f"; their mean {statistics.mean(own):.3f}")
         print(f"train.py end to end / trainer step on batches in memory: {e2e / (args.batch / base):.3f}; / encoder "
@@ -373,6 +378,14 @@ def main():
         _print_phases(saved["phases"])
         if saved["average"]:
             _print_averages(saved["phases"], saved["average"])
+
+
+def _per_round(baseline: list[float], fed: list[float]) -> float:
+    """images/s of the fed step over the baseline's, per round (the two steps ran seconds apart), median
+    over the rounds. The host's speed drifts within a run here (in one run of 24 rounds the encoder
+    alone, the same code every round, took 560-690 ms for 15 rounds, then 430-500 ms): a ratio of two
+    medians can compare steps of different speeds, a ratio within a round does not."""
+    return statistics.median(b / f for b, f in zip(baseline, fed))
 
 
 def _phase_medians(steps: list[dict]) -> dict[str, float]:
