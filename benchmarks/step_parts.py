@@ -148,10 +148,10 @@ def optimizer_steps() -> dict:
 def gradient_landing() -> dict:
     """What a step pays to get autograd's gradients into the flat buffer, with the gradients given:
     fresh tensors per step, as a backward makes them."""
-    from ifc_ds.engine import _views_of
+    from ifc_ds.engine import _flat_offsets, _views_of
 
     params = list(_resnet18_channels_last().parameters())
-    flat = torch.zeros(sum(p.numel() for p in params))
+    flat = torch.zeros(_flat_offsets(params)[1])
     views = [view for _, view in _views_of(flat, params)]
     state = {}
 

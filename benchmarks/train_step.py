@@ -359,17 +359,18 @@ def main():
         print(f"| end to end: train.py, CIFAR-10 (median of its logged intervals, separate run) | "
               f"{args.batch / e2e * 1e3:.0f} | {e2e:.1f} | {args.batch / e2e / base:.3f} |")
         fed = results[FED_ROW]
+        fed_median = statistics.median(fed)
         print("\n| fed step (with the data path) against | ratio of medians | median of per-round ratios | target |")
         print("|---|---|---|---|")
         for name, row, target in (("the trainer step on batches in memory", "with classifier", ">= 0.95"),
                                   ("the encoder step alone, channels-last weights (rank 0)", "encoder alone",
                                    ">= 0.85"),
                                   ("the encoder step alone on the slower rank of each step", SLOWER_ROW, "")):
-            print(f"| {name} | {statistics.median(results[row]) / statistics.median(fed):.3f} | "
+            print(f"| {name} | {statistics.median(results[row]) / fed_median:.3f} | "
                   f"{_per_round(results[row], fed):.3f} | {target} |")
         # the ratio above divides by rank 0's encoder alone; where one core is slower than the other, the
         # fed step is bound by it, so each rank's own is shown too (the target stays on rank 0's)
-        own = [1e-3 * _phase_medians(rank["encoder alone"])[TOTAL] / statistics.median(fed) for rank in saved["phases"]]
+        own = [1e-3 * _phase_medians(rank["encoder alone"])[TOTAL] / fed_median for rank in saved["phases"]]
         print("\nwith the data path / each rank's own encoder step alone (ratio of medians): "
               + ", ".join(f"rank {r} {ratio:.3f}" for r, ratio in enumerate(own))
               + f"; their mean {statistics.mean(own):.3f}")
