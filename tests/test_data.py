@@ -100,12 +100,24 @@ def test_bad_specs_give_one_line_errors(sources, tmp_path):
 
 
 def test_hub_name_offline_not_cached(monkeypatch, tmp_path):
+    """A user who starts offline (the variables set before ``datasets`` is imported) gets the
+    one-line error at once. ``datasets`` and ``huggingface_hub`` read the variables at import, which
+    this process did long ago: their constants are set as the import would have set them. With the
+    variables alone the call went to the network and failed there, after 23 s of retries, without
+    reaching the offline path this test is about."""
+    import datasets
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert parse_spec("someone/some-data:split=test").kind == "hub"
-    with pytest.raises(DatasetSpecError, match="local HF cache"):
+    with pytest.raises(DatasetSpecError, match="local HF cache") as info:
         load_dataset("someone/some-data:split=test")
+    assert "OfflineModeIsEnabled" in str(info.value)  # the offline path, not a failed connection
 
 
 def test_empty_dataset_is_an_error(tmp_path):

@@ -425,9 +425,9 @@ def test_a_hung_rank_fails_its_test_instead_of_hanging_the_suite():
 
     t0 = time.monotonic()
     # (rank 0 waits for it in the harness's closing barrier: both are still running)
-    with pytest.raises(AssertionError, match=r"ranks \[0, 1\] still running after 30 s"):
-        run_ranks(_one_rank_hangs, 2, timeout_s=30)
-    assert time.monotonic() - t0 < 90
+    with pytest.raises(AssertionError, match=r"ranks \[0, 1\] still running after 10 s"):
+        run_ranks(_one_rank_hangs, 2, timeout_s=10)
+    assert time.monotonic() - t0 < 60
 
 
 def test_optimizers_and_weight_decay_groups_come_from_timm():
