@@ -92,6 +92,8 @@ def test_bad_specs_give_one_line_errors(sources, tmp_path):
         sources["parquet"] + ":image_column=nope": "missing image column 'nope'",
         sources["parquet"] + ":colour=red": "unknown option",
         sources["parquet"] + ":limit=x": "must be integers",
+        sources["parquet"] + ":start=-2": "start and limit must be integers >= 0",
+        sources["parquet"] + ":limit=-1": "start and limit must be integers >= 0",
     }
     for spec, message in cases.items():
         with pytest.raises(DatasetSpecError, match=message) as info:
@@ -121,13 +123,28 @@ def test_hub_name_offline_not_cached(monkeypatch, tmp_path):
 
 
 def test_empty_dataset_is_an_error(tmp_path):
+    """An empty file, and rows that start / limit cut away (from a table or a stream), give the one-line
+    error. The messages are asserted whole: this test's tmp_path holds the word "empty" itself.
+    ``start`` at the end of a table's rows raised datasets' IndexError before."""
+    empty = f"parquet:{tmp_path}/e.parquet"
     _table().select([]).to_parquet(str(tmp_path / "e.parquet"))
-    with pytest.raises(DatasetSpecError, match="empty"):
-        load_dataset(f"parquet:{tmp_path}/e.parquet")
+    with pytest.raises(DatasetSpecError) as info:
+        load_dataset(empty)
+    assert str(info.value) == f"dataset '{empty}': is empty"
+    _table(12).to_parquet(str(tmp_path / "t.parquet"))
+    for streaming in ("false", "true"):  # (a stream counts its rows from the parquet footers)
+        for options, cut in ((":limit=0", "start=0 with limit=0"), (":start=12", "start=12 with limit=None"),
+                             (":start=20:limit=3", "start=20 with limit=3")):
+            spec = f"parquet:{tmp_path}/t.parquet:streaming={streaming}{options}"
+            with pytest.raises(DatasetSpecError) as info:
+                load_dataset(spec)
+            assert str(info.value) == f"dataset '{spec}': is empty from {cut}: the data has 12 rows"
+        last = load_dataset(f"parquet:{tmp_path}/t.parquet:streaming={streaming}:start=11")
+        assert last.num_instances == 1  # the last row is kept
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-@pytest.mark.parametrize("n,global_batch", [(50, 12), (7, 4), (100, 100)])
+@pytest.mark.parametrize("n,global_batch", [(50, 12), (7, 4), (100, 100), (5, 12)])  # (5, 12): too few rows for 3 ranks
 def test_sampler_covers_every_instance_once(world_size, n, global_batch):
     if n < 2 * world_size or global_batch < 2 * world_size:
         with pytest.raises(ValueError, match="at least 2 per rank"):

@@ -186,7 +186,7 @@ def test_streaming_formats(files, tmp_path):
     folder = tmp_path / "folder" / "a"
     folder.mkdir(parents=True)
     (folder / "x.png").write_bytes(_png(0))
-    with pytest.raises(DatasetSpecError, match="imagefolder.*streaming=false"):
+    with pytest.raises(DatasetSpecError, match="not supported for imagefolder"):  # (not the hub's error)
         load_dataset(f"imagefolder:{tmp_path}/folder:streaming=true")
     with pytest.raises(DatasetSpecError, match="num_instances=81"):
         load_dataset(f"parquet:{files}/*.parquet:streaming=true", num_instances=81)

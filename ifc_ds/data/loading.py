@@ -83,7 +83,7 @@ def _load_raw_unchecked(spec: DatasetSpec, stream: bool):
     if spec.kind == "imagefolder":
         if not Path(spec.path).is_dir():
             raise spec.error(f"folder '{spec.path}' does not exist")
-        if stream:
+        if spec.streaming:  # (``stream`` is False here: HF's streaming loader reads only parquet and hub)
             raise spec.error("streaming=true is not supported for imagefolder (no stable row numbers without "
                              "listing every file; the map-style loader only stores file paths): use streaming=false")
         return _pick_split(spec, datasets.load_dataset("imagefolder", data_dir=spec.path))
@@ -168,6 +168,13 @@ class LoadedDataset:
         return replace(self, table=table, num_instances=len(table))
 
 
+def _empty(spec: DatasetSpec, rows: int) -> DatasetSpecError:
+    """The error for a spec that leaves no rows: the data's own, or those its start / limit cut away."""
+    if rows == 0:
+        return spec.error("is empty")
+    return spec.error(f"is empty from start={spec.start} with limit={spec.limit}: the data has {rows} rows")
+
+
 def load_dataset(spec: str | DatasetSpec, limit: int | None = None, streaming: bool | None = None,
                  num_instances: int | None = None) -> LoadedDataset:
     """Loads a spec. ``limit`` (first rows) and ``streaming`` override the spec's own options;
@@ -187,9 +194,10 @@ def load_dataset(spec: str | DatasetSpec, limit: int | None = None, streaming: b
     if spec.streaming:
         from ifc_ds.streaming import NumberedStream
 
-        stream = NumberedStream(_row_source(spec, ds, image_col), spec.start, spec.limit)
+        source = _row_source(spec, ds, image_col)
+        stream = NumberedStream(source, spec.start, spec.limit)
         if stream.num_instances == 0:
-            raise spec.error("is empty")
+            raise _empty(spec, sum(source.unit_rows))
         if num_instances is not None and num_instances != stream.num_instances:
             raise spec.error(f"data.num_instances={num_instances}, but the data has {stream.num_instances} rows "
                              "(leave data.num_instances unset)")
@@ -197,9 +205,11 @@ def load_dataset(spec: str | DatasetSpec, limit: int | None = None, streaming: b
                              num_classes=num_classes)
     if spec.start or spec.limit is not None:
         end = len(ds) if spec.limit is None else min(len(ds), spec.start + spec.limit)
-        ds = ds.select(range(min(spec.start, end), end))
+        if spec.start >= end:  # (datasets' select raises IndexError on an empty range at the end)
+            raise _empty(spec, len(ds))
+        ds = ds.select(range(spec.start, end))
     if len(ds) == 0:
-        raise spec.error("is empty")
+        raise _empty(spec, 0)
     return LoadedDataset(spec, image_col, label_col, table=ds, num_instances=len(ds), num_classes=num_classes)
 
 

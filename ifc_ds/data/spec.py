@@ -56,8 +56,11 @@ def parse_spec(text: str) -> DatasetSpec:
     try:
         limit = int(options["limit"]) if "limit" in options else None
         start = int(options.get("start", 0))
+        valid = start >= 0 and (limit is None or limit >= 0)
     except ValueError:
-        raise DatasetSpecError(f"dataset '{text}': start and limit must be integers") from None
+        valid = False
+    if not valid:
+        raise DatasetSpecError(f"dataset '{text}': start and limit must be integers >= 0")
     return DatasetSpec(kind=kind, path=path, split=options.get("split"), image_column=options.get("image_column"),
                        label_column=options.get("label_column"), start=start, limit=limit,
                        streaming=options.get("streaming", "false").lower() in ("1", "true", "yes"), text=text)
