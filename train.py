@@ -37,8 +37,9 @@ def main(argv=None) -> int:
     overrides = list(args.overrides)
     if getattr(args, "deepspeed_config", None):
         overrides.append(f"train.ds_config={args.deepspeed_config}")
-    cfg = load_config(args.config, overrides)
+    cfg = None
     try:
+        cfg = load_config(args.config, overrides)  # (inside: a bad key or value is bad input too)
         return finish(run(cfg))
     except (ConfigError, DatasetSpecError, CheckpointError) as exc:  # bad input: one line says what
         logging.getLogger("ifc_ds").error("%s: %s", type(exc).__name__, exc)
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
         rank = os.environ.get("RANK", "0")
         # the whole traceback first, whatever the failure: it is the only record of the cause
         log.error("rank %s failed:\n%s", rank, traceback.format_exc().rstrip())
-        if is_peer_failure(exc):
+        if cfg is not None and is_peer_failure(exc):
             log.error("a peer rank died or a collective timed out (dist.timeout_s=%s); restart with resume=auto to "
                       "continue from the last complete checkpoint in %s/checkpoints", cfg.dist.timeout_s,
                       cfg.output_dir)

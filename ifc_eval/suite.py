@@ -112,10 +112,12 @@ def default_datasets(cfg: EvalSuiteConfig, checkpoint: str) -> None:
     """No datasets configured: use the run's own kNN-monitor pair (eval.train / eval.test)."""
     if cfg.datasets:
         return
-    try:
-        _, meta = read_checkpoint(checkpoint)
-    except CheckpointError:
-        meta = {}  # random weights, an export or a weights file: no run config to fall back on
+    meta = {}  # random weights, an export or a weights file: no run config to fall back on
+    if checkpoint != "random":
+        try:
+            _, meta = read_checkpoint(checkpoint)
+        except CheckpointError:
+            pass
     run_eval = meta.get("config", {}).get("eval", {})
     if run_eval.get("train") and run_eval.get("test"):
         cfg.datasets["monitor"] = DatasetEntry(run_eval["train"], run_eval["test"], run_eval.get("limit_train"),
@@ -300,8 +302,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = load_suite_config(args.config, args.overrides)
-    if args.checkpoint != "random":
-        default_datasets(cfg, args.checkpoint)
+    default_datasets(cfg, args.checkpoint)  # random weights too: no run, so datasets must be configured
     init_distributed(timeout_s=600)
     dev = device()
     if args.checkpoint == "random":  # an untrained `model` (e.g. the random-init reference row)

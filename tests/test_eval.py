@@ -183,11 +183,20 @@ def test_export_folder_loads_with_timm_alone(trained, tmp_path):
 
 
 def test_suite_defaults_to_the_runs_monitor_pair(trained, tmp_path):
+    from ifc_ds.checkpoint import read_checkpoint
+    from ifc_ds.config import ConfigError
     from ifc_eval.suite import default_datasets, load_suite_config
 
     cfg = load_suite_config(None, [])
-    with pytest.raises(Exception, match="no datasets configured"):
+    assert read_checkpoint(str(trained))[1]["config"]["eval"]["train"] is None  # the reason for the error
+    with pytest.raises(ConfigError, match="no datasets configured"):
         default_datasets(cfg, str(trained))  # the tiny recipe has no kNN monitor: nothing to fall back on
+    run = tmp_path / "run"  # a run's output_dir (not a checkpoint folder) with a monitor pair
+    (run / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000001" / "meta.json").write_text(json.dumps(
+        {"config": {"eval": {"train": "sklearn:digits", "test": "x/y", "limit_train": 5, "limit_test": None}}}))
+    default_datasets(cfg, str(run))
+    assert cfg.datasets.pop("monitor").limit_train == 5
     fake = tmp_path / "ckpt"
     fake.mkdir()
     (fake / "meta.json").write_text(json.dumps({"config": {"eval": {"train": "sklearn:digits", "test": "x/y",
@@ -281,3 +290,12 @@ def test_a_run_and_its_checkpoint_folder_read_alike_and_anything_else_is_a_clear
         read_checkpoint(str(tmp_path))
     with pytest.raises(ConfigError, match="no datasets configured"):  # random weights: no run to fall back on
         default_datasets(load_suite_config(None, []), "random")
+
+
+def test_the_cli_with_random_weights_and_no_datasets_is_a_clear_error(tmp_path):
+    from ifc_ds.config import ConfigError
+    from ifc_eval.suite import main
+
+    with pytest.raises(ConfigError, match="no datasets configured"):
+        main(["--checkpoint", "random", "model.name=test_resnet", f"output_dir={tmp_path}"])
+    assert not (tmp_path / "results.json").exists()

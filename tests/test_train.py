@@ -407,12 +407,15 @@ def test_own_failures_keep_their_traceback_and_do_not_claim_a_lost_peer(tmp_path
     assert expected in output
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "train.py", *TINY, f"output_dir={tmp_path}",
-                           "data.train=parquet:/nonexistent/*.parquet"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+@pytest.mark.parametrize("override,line", [
+    ("data.train=parquet:/nonexistent/*.parquet",
+     "DatasetSpecError: dataset 'parquet:/nonexistent/*.parquet': no file matches"),
+    ("train.no_such_key=1", "ConfigError: unknown config key 'train.no_such_key'")])  # raised by load_config
+def test_bad_input_is_one_line_and_exit_2(tmp_path, override, line):
+    proc = subprocess.run([sys.executable, "train.py", *TINY, f"output_dir={tmp_path}", override], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "DatasetSpecError: dataset 'parquet:/nonexistent/*.parquet': no file matches" in proc.stderr
+    assert line in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
