@@ -15,11 +15,9 @@ import traceback
 
 import deepspeed
 
-from ifc_ds.checkpoint import CheckpointError
-from ifc_ds.config import ConfigError, load_config
-from ifc_ds.data import DatasetSpecError
+from ifc_ds.config import load_config
 from ifc_ds.dist import hard_exit
-from ifc_ds.lifecycle import EXIT_FAILED, EXIT_PEER_LOST, EXIT_USAGE, finish, is_peer_failure
+from ifc_ds.lifecycle import BAD_INPUT, EXIT_FAILED, EXIT_PEER_LOST, exit_bad_input, finish, is_peer_failure
 from ifc_ds.trainer import run
 
 
@@ -41,9 +39,8 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, overrides)  # (inside: a bad key or value is bad input too)
         return finish(run(cfg))
-    except (ConfigError, DatasetSpecError, CheckpointError) as exc:  # bad input: one line says what
-        logging.getLogger("ifc_ds").error("%s: %s", type(exc).__name__, exc)
-        hard_exit(EXIT_USAGE)
+    except BAD_INPUT as exc:  # one line says what
+        exit_bad_input(exc)
     except Exception as exc:
         log = logging.getLogger("ifc_ds")
         rank = os.environ.get("RANK", "0")

@@ -21,6 +21,7 @@ on this CPU (``benchmarks/data_path.py`` times both in one run).
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from ifc_ds.config import AugmentConfig
 from ifc_ds.crops import SampleCrop, crop_resize
 from ifc_ds.keyed_random import BLUR, FLIP, GRAYSCALE, JITTER, keyed_uniform
+from ifc_ds.lifecycle import bad_input_exits
 
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
 _SMALLEST_FLOAT = torch.finfo(torch.float32).smallest_normal * 2.0 ** -23  # the smallest positive float32
@@ -283,7 +285,8 @@ def save_view_grid(loaded, cfg: AugmentConfig, size: int, mean, std, path: str, 
     save_image(grid.clamp(0, 1), path, nrow=views, padding=2)
 
 
-def main(argv=None) -> None:
+@bad_input_exits
+def main(argv=None) -> int:
     from ifc_ds.config import load_config
     from ifc_ds.data import load_dataset
     from ifc_ds.model import data_config
@@ -301,8 +304,9 @@ def main(argv=None) -> None:
     mean, std = data_config(cfg.model.name)
     save_view_grid(loaded, cfg.augment, cfg.data.image_size, mean, std, args.out, args.images, args.views, cfg.seed)
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
 

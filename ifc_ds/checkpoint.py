@@ -217,7 +217,11 @@ def find_checkpoint(output_dir: str, resume: str) -> Path | None:
 def read_checkpoint(path: str) -> tuple[Path, dict]:
     """(folder, meta.json) of a run's output_dir (its newest complete checkpoint) or of one checkpoint
     folder; CheckpointError where there is none."""
-    folder = find_checkpoint(path, resume=path)
+    try:
+        folder = find_checkpoint(path, resume=path)
+    except CheckpointError:  # its message speaks of resume=, which the commands that read runs do not have
+        raise CheckpointError(f"{path}: not a run's output_dir (no checkpoints/ folder) and not a complete "
+                              "checkpoint (no meta.json)") from None
     if folder is None:
         raise CheckpointError(f"{path}: no complete checkpoint found")
     return folder, json.loads((folder / "meta.json").read_text())

@@ -7,21 +7,52 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import signal
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
+from ifc_ds.checkpoint import CheckpointError
 from ifc_ds.collectives import all_reduce_sum, barrier
-from ifc_ds.dist import EXIT_PEER_LOST
+from ifc_ds.config import ConfigError
+from ifc_ds.data.spec import DatasetSpecError
+from ifc_ds.dist import EXIT_PEER_LOST, hard_exit
 
 EXIT_OK = 0
 EXIT_PREEMPTED = 75  # checkpointed on SIGTERM/SIGUSR1: requeue and resume (EX_TEMPFAIL)
 EXIT_NONFINITE = 65  # too many consecutive non-finite losses; the last good checkpoint is intact
 EXIT_FAILED = 1  # this rank failed (its traceback is logged)
 EXIT_USAGE = 2  # bad config, dataset spec or checkpoint: one line says what
+# input a user can fix (a config key or value, a dataset spec, a checkpoint that does not fit): the
+# commands print its one-line message and exit EXIT_USAGE, no traceback
+BAD_INPUT = (ConfigError, DatasetSpecError, CheckpointError)
 __all__ = ["EXIT_OK", "EXIT_PREEMPTED", "EXIT_NONFINITE", "EXIT_FAILED", "EXIT_USAGE", "EXIT_PEER_LOST",
-           "StopSignal", "is_peer_failure", "finish"]
+           "BAD_INPUT", "StopSignal", "exit_bad_input", "bad_input_exits", "is_peer_failure", "finish"]
+
+
+def exit_bad_input(exc: BaseException) -> None:
+    """Logs ``Type: message`` in one line and leaves with EXIT_USAGE at once (``hard_exit``: a rank may
+    already be in a process group whose peers stop on the same input)."""
+    logging.getLogger("ifc_ds").error("%s: %s", type(exc).__name__, exc)
+    hard_exit(EXIT_USAGE)
+
+
+def bad_input_exits(main: Callable[..., int]) -> Callable[..., int]:
+    """A command's ``main`` whose BAD_INPUT errors end the process through ``exit_bad_input``; any other
+    error keeps its traceback."""
+
+    @functools.wraps(main)
+    def guarded(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except BAD_INPUT as exc:
+            exit_bad_input(exc)
+            raise  # (not reached: exit_bad_input leaves the process)
+
+    return guarded
 
 
 def is_peer_failure(exc: BaseException) -> bool:

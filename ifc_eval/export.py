@@ -20,6 +20,7 @@ from ifc_ds.augment import eval_crop_pct
 from ifc_ds.checkpoint import read_checkpoint
 from ifc_ds.config import AugmentConfig, config_from_dict
 from ifc_ds.engine.state import fp32_encoder_state
+from ifc_ds.lifecycle import bad_input_exits
 from ifc_ds.model import EXPORT_STEM_KEY, InstanceEncoder, data_config
 
 
@@ -58,6 +59,7 @@ def export_backbone(checkpoint: str, out: str) -> Path:
     return out_path
 
 
+@bad_input_exits
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a run's output_dir or one checkpoint folder")

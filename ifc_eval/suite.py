@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ifc_ds.augment import DeviceViews, eval_crop
-from ifc_ds.checkpoint import CheckpointError, content_key, read_checkpoint
+from ifc_ds.checkpoint import content_key, read_checkpoint
 from ifc_ds.collectives import rank_in, size
 from ifc_ds.config import AugmentConfig, ConfigError, ModelConfig, apply_mapping, parse_overrides
 from ifc_ds.crops import batch_crops
@@ -34,6 +34,7 @@ from ifc_ds.data import (
 from ifc_ds.dist import device, init_distributed, is_main
 from ifc_ds.features import extract_features
 from ifc_ds.knn import knn_predict, topk_accuracy
+from ifc_ds.lifecycle import bad_input_exits
 from ifc_ds.model import InstanceEncoder, data_config, read_export
 from ifc_eval.export import load_run_encoder
 
@@ -113,11 +114,8 @@ def default_datasets(cfg: EvalSuiteConfig, checkpoint: str) -> None:
     if cfg.datasets:
         return
     meta = {}  # random weights, an export or a weights file: no run config to fall back on
-    if checkpoint != "random":
-        try:
-            _, meta = read_checkpoint(checkpoint)
-        except CheckpointError:
-            pass
+    if checkpoint != "random" and not _is_export(checkpoint):
+        _, meta = read_checkpoint(checkpoint)  # (a path that holds no checkpoint says so, here)
     run_eval = meta.get("config", {}).get("eval", {})
     if run_eval.get("train") and run_eval.get("test"):
         cfg.datasets["monitor"] = DatasetEntry(run_eval["train"], run_eval["test"], run_eval.get("limit_train"),
@@ -146,6 +144,11 @@ class Candidate:
         mean, std = self.mean_std()
         return (eval_crop(AugmentConfig(), self.image_size),
                 DeviceViews(AugmentConfig(), self.image_size, mean, std, channels_last=self.model_cfg.channels_last))
+
+
+def _is_export(path: str) -> bool:
+    """An ``ifc-export`` folder or a bare .safetensors file, rather than a run or one of its checkpoints."""
+    return path.endswith(".safetensors") or (Path(path) / "config.json").is_file()
 
 
 def _from_checkpoint(path: str, cfg: EvalSuiteConfig) -> Candidate:
@@ -293,6 +296,7 @@ def write_report(results: dict, output_dir: str) -> None:
     plt.close(fig)
 
 
+@bad_input_exits
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
@@ -311,8 +315,7 @@ def main(argv=None) -> int:
         main_cand = Candidate("random", InstanceEncoder(cfg.model, size), cfg.model, f"random:{cfg.seed}:{cfg.model}",
                               size)
     else:
-        exported = args.checkpoint.endswith(".safetensors") or (Path(args.checkpoint) / "config.json").is_file()
-        main_cand = (_from_export if exported else _from_checkpoint)(args.checkpoint, cfg)
+        main_cand = (_from_export if _is_export(args.checkpoint) else _from_checkpoint)(args.checkpoint, cfg)
     results: dict = {}
     for name, entry in cfg.datasets.items():
         results[name] = evaluate(main_cand, entry, cfg, dev)

@@ -292,10 +292,21 @@ def test_a_run_and_its_checkpoint_folder_read_alike_and_anything_else_is_a_clear
         default_datasets(load_suite_config(None, []), "random")
 
 
-def test_the_cli_with_random_weights_and_no_datasets_is_a_clear_error(tmp_path):
-    from ifc_ds.config import ConfigError
-    from ifc_eval.suite import main
-
-    with pytest.raises(ConfigError, match="no datasets configured"):
-        main(["--checkpoint", "random", "model.name=test_resnet", f"output_dir={tmp_path}"])
+@pytest.mark.parametrize("command, message", [
+    # random weights and no datasets: no run to fall back on (this ran nothing and wrote an empty report)
+    (["ifc-eval", "--checkpoint", "random", "model.name=test_resnet"], "ConfigError: no datasets configured"),
+    # a path that is no run: the checkpoint's error, not 'the run has no eval.train' (it was read as no run)
+    (["ifc-eval", "--checkpoint", "{tmp}/missing"], "CheckpointError: {tmp}/missing: not a run's output_dir"),
+    (["ifc-eval", "--checkpoint", "random", "no_such_key=1"], "ConfigError: unknown config key 'no_such_key'"),
+    (["ifc-export", "--checkpoint", "{tmp}/missing", "--out", "{tmp}/x"], "CheckpointError: {tmp}/missing: not a run"),
+    (["ifc-preview", "--data", "nope:1", "--out", "{tmp}/v.png"], "DatasetSpecError: dataset 'nope:1': unknown kind"),
+])
+def test_the_commands_answer_bad_input_in_one_line_and_exit_2(tmp_path, command, message):
+    """Like train.py (tests/test_train.py): exit 2 (lifecycle.EXIT_USAGE) and the error's one line, no traceback."""
+    argv = [_script(command[0])] + [arg.format(tmp=tmp_path) for arg in command[1:]]
+    proc = subprocess.run(argv + ([f"output_dir={tmp_path}"] if command[0] == "ifc-eval" else []),
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message.format(tmp=tmp_path) in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "results.json").exists()
