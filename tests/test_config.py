@@ -78,3 +78,24 @@ def test_exponent_floats_without_a_dot():
         load_config(None, ["train.lr=e-4"])
     with pytest.raises(ConfigError, match="train.lr: expected a number"):
         load_config(None, ["train.lr=fast"])
+
+
+def test_ds_config_paths_resolve_from_any_working_directory(tmp_path, monkeypatch):
+    """A relative ``train.ds_config`` (the default is ``ds_configs/zero0_fp32.json``) is looked up in the
+    working directory, then in the repository: a job started elsewhere (a SLURM job's folder) finds the
+    shipped configs. Before, the repository lookup pointed into the package and such a job failed."""
+    import json
+    from pathlib import Path
+
+    from ifc_ds.config import TrainConfig
+    from ifc_ds.engine import read_ds_config
+
+    repo = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(tmp_path)
+    for name in (TrainConfig().ds_config, "ds_configs/zero2_bf16.json"):
+        assert read_ds_config(name) == json.loads((repo / name).read_text())
+    (tmp_path / "ds_configs").mkdir()  # the working directory's own file wins
+    (tmp_path / "ds_configs" / "zero0_fp32.json").write_text('{"gradient_accumulation_steps": 3}')
+    assert read_ds_config("ds_configs/zero0_fp32.json") == {"gradient_accumulation_steps": 3}
+    with pytest.raises(ConfigError, match="train.ds_config ds_configs/none.json does not exist"):
+        read_ds_config("ds_configs/none.json")

@@ -48,7 +48,7 @@ from ifc_ds.engine.fused_sgd import DenseFusedSGD, _dense
 from ifc_ds.engine.node_buffers import NodeBuffers
 from ifc_ds.engine.shared_step import SharedSGDStep
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # (this file is ifc_ds/engine/__init__.py)
 log = logging.getLogger(__name__)
 
 
