@@ -47,10 +47,11 @@ def sharded_topk(bank_shard: torch.Tensor, bank_labels: torch.Tensor, bank_ids: 
     # (fp64 rounding noise is ~1e-16; fp32 features carry ~1e-7), so exact ties stay exact
     sims = torch.round(sims * 2.0**40) / 2.0**40
     vals, idx = _topk_ties_to_lower_id(sims, bank_ids.expand(q, -1), k_local)
-    pad = k - k_local  # a shard smaller than k pads with -inf candidates
+    pad = k - k_local  # a shard smaller than k pads with -inf candidates, placed after every real one
     vals = F.pad(vals, (0, pad), value=float("-inf"))
     labels = F.pad(bank_labels[idx], (0, pad), value=-1)
-    ids = F.pad(bank_ids[idx], (0, pad), value=torch.iinfo(torch.int64).max)
+    # (not F.pad: its fill value passes through a float, and int64's largest value does not fit back)
+    ids = torch.cat([bank_ids[idx], bank_ids.new_full((q, pad), torch.iinfo(torch.int64).max)], dim=1)
     merged = [all_gather_equal(t, group).permute(1, 0, 2).reshape(q, -1) for t in (vals, labels, ids)]  # [Q, P * k]
     top_vals, pos = _topk_ties_to_lower_id(merged[0], merged[2], k)
     return top_vals, merged[1].gather(1, pos)

@@ -75,9 +75,21 @@ def _check(rank, world_size):
         assert torch.equal(scores.argmax(1), expected.argmax(1))
 
 
+def _check_shards_smaller_than_k(rank, world_size):
+    """A shard with fewer rows than k (the monitor's k is 200: a small bank on many ranks), an empty
+    shard, and k beyond the whole bank (capped at its size). The padding of a short shard must rank
+    after every real neighbour. Crashed before: int64's largest id went through F.pad's float fill."""
+    bank, labels, queries, _ = data(3)
+    for rows, k in ((8, 4), (8, 50), ((world_size + 1) // 2, 3)):  # the last: one rank holds no row (2, 3 ranks)
+        start, end = shard_range(rows, world_size, rank)
+        scores = knn_predict(bank[start:end], labels[start:end], queries, C, k=k, temperature=0.07, chunk=16)
+        torch.testing.assert_close(scores, brute_force(bank[:rows], labels[:rows], queries, min(k, rows), 0.07),
+                                   rtol=1e-12, atol=0.0)
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-@pytest.mark.parametrize("check", [_check, _check_collinear, _check_exact_ties],
-                         ids=["brute_force", "nearly_collinear", "exact_ties_to_lower_id"])
+@pytest.mark.parametrize("check", [_check, _check_collinear, _check_exact_ties, _check_shards_smaller_than_k],
+                         ids=["brute_force", "nearly_collinear", "exact_ties_to_lower_id", "shards_smaller_than_k"])
 def test_sharded_knn_equals_single_process_reference(check, world_size):
     if world_size == 1:
         check(0, 1)
