@@ -15,6 +15,14 @@ def test_smoothing_schedule_off_then_ramp():
     state.progress.step = 0
     hook.on_train_start(state)
     assert (state.smoothing_k, state.smoothing_eps) == (0, 0.0)
+    # a resume after 30 steps: its first forward (step 31) gets what before_step gave it in the run that went on
+    state.progress.step = 30
+    hook.on_train_start(state)
+    assert state.smoothing_k == 5 and abs(state.smoothing_eps - 0.1) < 1e-9
+    # no ramp: full eps from start_epoch on; k = 0: off whatever eps says
+    assert HardLabelSmoothing(k=5, eps=0.2, start_epoch=2, ramp_epochs=0).eps_at(1.99) == 0.0
+    assert HardLabelSmoothing(k=5, eps=0.2, start_epoch=2, ramp_epochs=0).eps_at(2.0) == 0.2
+    assert HardLabelSmoothing(k=0, eps=0.2, start_epoch=0, ramp_epochs=0).eps_at(5.0) == 0.0
 
 
 def test_lazy_raw_init_writes_rows_on_first_sight_only():

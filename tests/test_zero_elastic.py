@@ -19,6 +19,12 @@ from tests._dist import run_ranks
 
 N, GLOBAL_BATCH = 24, 12
 STATE_KEYS = {"sgd": ("momentum_buffer",), "adamw": ("exp_avg", "exp_avg_sq")}
+# fp16's dynamic loss scale, set before the save: not what a fresh engine has (2^4 here), so a restore
+# that drops it shows
+SAVED_SCALE, SAVED_SCALE_ITER = 32.0, 77
+FP16_ZERO1 = """{"fp16": {"enabled": true, "loss_scale": 0, "initial_scale_power": 4, "loss_scale_window": 1000,
+                          "hysteresis": 2, "min_loss_scale": 1},
+                 "zero_optimization": {"stage": 1}, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0}"""
 
 
 def _engines(world_size, ds_config, optimizer):
@@ -69,19 +75,28 @@ def _train_and_save(rank, world_size, ds_config, optimizer, folder):
     for seed in (1, 2):
         _step(engines, rank, world_size, seed)
     state = _full_state(engines, STATE_KEYS[optimizer])
+    if engines.backbone.fp16_enabled():
+        engines.backbone.optimizer.loss_scaler.cur_scale = SAVED_SCALE
+        engines.backbone.optimizer.loss_scaler.cur_iter = SAVED_SCALE_ITER
     engines.backbone.save_checkpoint(folder, tag="backbone")
     if rank == 0:
         torch.save(state, Path(folder) / "reference.pt")
 
 
-def _restore_and_check(rank, world_size, ds_config, optimizer, folder, reference, resave_to):
+def _restore_and_check(rank, world_size, ds_config, optimizer, folder, reference, resave_to, saved_world=2):
     engines = _engines(world_size, ds_config, optimizer)
     engines.backbone.load_checkpoint(folder, tag="backbone", load_module_only=True)
-    assert restore_zero_partitions(engines.backbone, Path(folder) / "backbone") != world_size
+    with torch.no_grad():  # off what the module file held: the working weights must come from the partitions
+        for param in engines.backbone.module.parameters():
+            param.add_(1.0)
+    assert restore_zero_partitions(engines.backbone, Path(folder) / "backbone") == saved_world
     want = torch.load(reference, weights_only=False)
     _assert_equal(_full_state(engines, STATE_KEYS[optimizer]), want)
     for name, param in engines.backbone.module.named_parameters():  # the working weights follow the master
-        assert torch.equal(param.detach().cpu(), want[name]["fp32"].view_as(param)), name
+        assert torch.equal(param.detach().cpu(), want[name]["fp32"].view_as(param).to(param.dtype)), name
+    if engines.backbone.fp16_enabled():
+        scaler = engines.backbone.optimizer.loss_scaler
+        assert (scaler.cur_scale, scaler.cur_iter) == (SAVED_SCALE, SAVED_SCALE_ITER)
     if resave_to:
         engines.backbone.save_checkpoint(resave_to, tag="backbone")
     if optimizer == "sgd":  # the next step continues the saved momentum: m' = 0.9 m + g (no weight decay, no clipping)
@@ -99,9 +114,13 @@ def _restore_and_check(rank, world_size, ds_config, optimizer, folder, reference
 
 @pytest.mark.parametrize("ds_config,optimizer", [("ds_configs/zero2_fp32.json", "sgd"),
                                                   ("ds_configs/zero1_fp32.json", "adamw"),
-                                                  ("ds_configs/zero2_offload_fp32.json", "sgd")],
-                         ids=["zero2-sgd", "zero1-adamw", "zero2-offload-sgd"])
+                                                  ("ds_configs/zero2_offload_fp32.json", "sgd"),
+                                                  ("fp16_zero1.json", "adamw")],
+                         ids=["zero2-sgd", "zero1-adamw", "zero2-offload-sgd", "zero1-fp16-adamw"])
 def test_two_ranks_to_one(tmp_path, ds_config, optimizer):
+    if ds_config == "fp16_zero1.json":  # fp16 working weights and the loss scaler come along too
+        ds_config = str(tmp_path / ds_config)
+        Path(ds_config).write_text(FP16_ZERO1)
     saved = tmp_path / "p2"
     run_ranks(_train_and_save, 2, ds_config, optimizer, str(saved))
     run_ranks(_restore_and_check, 1, ds_config, optimizer, str(saved), str(saved / "reference.pt"), None)
@@ -113,7 +132,7 @@ def test_two_to_three_and_back_to_two(tmp_path):
     run_ranks(_restore_and_check, 3, ds_config, "sgd", str(saved), str(saved / "reference.pt"), str(resaved))
     assert len(list((resaved / "backbone").glob("*optim_states.pt"))) == 3
     # the 3-rank partitions of the restored state give back exactly the 2-rank reference
-    run_ranks(_restore_and_check, 2, ds_config, "sgd", str(resaved), str(saved / "reference.pt"), None)
+    run_ranks(_restore_and_check, 2, ds_config, "sgd", str(resaved), str(saved / "reference.pt"), None, 3)
 
 
 def test_missing_partition_is_a_clear_error(tmp_path):
