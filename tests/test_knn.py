@@ -112,3 +112,79 @@ def test_topk_accuracy():
     scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
     acc = topk_accuracy(scores, torch.tensor([1, 1, 0]), ks=(1, 2))
     assert acc[1] == pytest.approx(1 / 3) and acc[2] == pytest.approx(2 / 3)
+
+
+def _reference_digits(rows: int):
+    """sklearn's digits as the embedded dataset defines them (8x8 scaled to 32x32 RGB), decoded here with
+    PIL and numpy alone: [rows, 3, 32, 32] uint8 and labels [rows]."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = [np.asarray(Image.fromarray((img / 16.0 * 255).astype(np.uint8), mode="L")
+                         .resize((32, 32), Image.BILINEAR).convert("RGB")) for img in digits.images[:rows]]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), torch.from_numpy(digits.target[:rows])
+
+
+def _check_monitor(rank, world_size, queries_from):
+    """The kNN monitor's bank and queries, features, labels and ids, against the same rows decoded and
+    encoded here in one batch; its top-1 is that of the scores of the kNN it ran."""
+    import torch.distributed as dist
+
+    import ifc_ds.knn_monitor as monitor_module
+    from ifc_ds.augment import DeviceViews
+    from ifc_ds.config import load_config
+    from ifc_ds.model import InstanceEncoder, data_config
+
+    split = (["eval.holdout=0.2"] if queries_from == "holdout"
+             else ["eval.test=sklearn:digits", "eval.limit_test=40"])  # queries: the first 40 rows, bank: 150
+    cfg = load_config(None, ["model.name=test_resnet", "model.head_hidden=16", "model.dim=8", "data.image_size=32",
+                             "eval.train=sklearn:digits", "eval.limit_train=150", "eval.k=10", "eval.batch_size=16",
+                             *split])
+    torch.manual_seed(0)
+    encoder = InstanceEncoder(cfg.model, 32)
+    mean, std = data_config(cfg.model.name)
+    passes, knn_calls = [], []
+
+    def extract_spy(*args, **kwargs):
+        passes.append(extract_features(*args, **kwargs))
+        return passes[-1]
+
+    def knn_spy(*args, **kwargs):
+        knn_calls.append((args, kwargs, knn_predict(*args, **kwargs)))
+        return knn_calls[-1][2]
+
+    extract_features = monitor_module.extract_features
+    monitor_module.extract_features, monitor_module.knn_predict = extract_spy, knn_spy
+    monitor = monitor_module.KnnMonitor(cfg, DeviceViews(cfg.augment, 32, mean, std), num_workers=0)
+    encoder.train()
+    top1 = monitor(encoder, torch.device("cpu"))
+    assert encoder.training  # left as it was
+
+    images, labels = _reference_digits(150)
+    mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        reference = encoder.eval().backbone_features((images.float() / 255 - mean) / std)
+    bank_rows, query_rows = (range(120), range(120, 150)) if queries_from == "holdout" else (range(150), range(40))
+    (bank_f, bank_y, bank_ids), (query_f, query_y, query_ids) = passes
+    shards = [None] * world_size if world_size > 1 else [bank_ids.tolist()]
+    if world_size > 1:
+        dist.all_gather_object(shards, bank_ids.tolist())
+    assert sorted(sum(shards, [])) == list(range(len(bank_rows)))  # every bank row on one rank, once
+    assert sorted(query_ids.tolist()) == list(range(len(query_rows)))  # every query on every rank
+    for feats, ys, ids, rows in ((bank_f, bank_y, bank_ids, bank_rows), (query_f, query_y, query_ids, query_rows)):
+        global_rows = torch.tensor(rows)[ids]
+        torch.testing.assert_close(feats, reference[global_rows], rtol=1e-4, atol=1e-5)
+        assert torch.equal(ys, labels[global_rows])
+    (args, kwargs, scores), = knn_calls
+    assert args[0] is bank_f and args[2] is query_f and torch.equal(kwargs["bank_ids"], bank_ids)
+    assert args[3:6] == (10, cfg.eval.k, cfg.eval.temperature)  # classes, k, T
+    assert top1 == topk_accuracy(scores, query_y, ks=(1,))[1]
+
+
+@pytest.mark.parametrize("world_size, queries_from", [(1, "holdout"), (2, "test"), (3, "holdout")])
+def test_knn_monitor_sees_the_right_rows(world_size, queries_from):
+    if world_size == 1:
+        _check_monitor(0, 1, queries_from)
+    else:
+        run_ranks(_check_monitor, world_size, queries_from)
