@@ -179,6 +179,8 @@ def lockstep(iterator, device, until: str = "all", group=None):
     """Yields ``next(iterator)`` (None once it is exhausted) in lockstep with the other ranks, whose
     shards may differ in length: ``until="all"`` stops once every rank is done (the others get None:
     collectives that accept empty inputs), ``"any"`` as soon as one rank is done."""
+    if until not in ("all", "any"):  # (checked before the first item: a typo must not mean "all")
+        raise ValueError(f"lockstep: until must be 'all' or 'any', not {until!r}")
     op = dist.ReduceOp.MIN if until == "any" else dist.ReduceOp.MAX
     while True:
         item = next(iterator, None)

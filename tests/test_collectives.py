@@ -22,6 +22,8 @@ def test_without_a_process_group_every_collective_is_a_world_of_one():
     assert torch.equal(C.broadcast_(x.clone()), x)
     C.barrier()
     assert list(C.lockstep(iter([1, 2]), "cpu")) == [1, 2]
+    with pytest.raises(ValueError, match="until must be 'all' or 'any', not 'every'"):
+        next(C.lockstep(iter([1, 2]), "cpu", "every"))
 
 
 def _on_a_subgroup(rank, world_size):
