@@ -115,8 +115,9 @@ def _restore_and_check(rank, world_size, ds_config, optimizer, folder, reference
 @pytest.mark.parametrize("ds_config,optimizer", [("ds_configs/zero2_fp32.json", "sgd"),
                                                   ("ds_configs/zero1_fp32.json", "adamw"),
                                                   ("ds_configs/zero2_offload_fp32.json", "sgd"),
+                                                  ("ds_configs/zero2_bf16.json", "sgd"),
                                                   ("fp16_zero1.json", "adamw")],
-                         ids=["zero2-sgd", "zero1-adamw", "zero2-offload-sgd", "zero1-fp16-adamw"])
+                         ids=["zero2-sgd", "zero1-adamw", "zero2-offload-sgd", "zero2-bf16-sgd", "zero1-fp16-adamw"])
 def test_two_ranks_to_one(tmp_path, ds_config, optimizer):
     if ds_config == "fp16_zero1.json":  # fp16 working weights and the loss scaler come along too
         ds_config = str(tmp_path / ds_config)
