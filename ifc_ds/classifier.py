@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ifc_ds.collectives import all_gather_equal, all_gather_rows, all_reduce_, rank_in, size
+from ifc_ds.config import ConfigError
 
 # exp(1/T) * N must stay below fp32's max (3.4e38): 1/T <= 40 leaves room for N up to ~1e20.
 _MAX_UNSHIFTED_INV_TEMPERATURE = 40.0
@@ -460,11 +461,12 @@ def _use_fused(mode: str, device: torch.device, dim: int) -> bool:
         return False
     if mode == "auto":
         return device.type == "cuda" and dim <= _FUSED_MAX_DIM and _triton_available()
+    # (ConfigError: classifier.fused=always where it cannot run is bad input, one line and exit 2)
     if not _triton_available():
-        raise RuntimeError("fused='always' needs triton, which is not installed")
+        raise ConfigError("classifier.fused=always needs triton, which is not installed")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise RuntimeError("fused='always' on CPU runs the Triton kernels in the interpreter only: set "
-                           "TRITON_INTERPRET=1 before triton is imported (tests), or use fused='auto' / 'never'")
+        raise ConfigError("classifier.fused=always on CPU runs the Triton kernels in the interpreter only: set "
+                          "TRITON_INTERPRET=1 before triton is imported (tests), or use fused=auto / never")
     return True
 
 
@@ -516,8 +518,8 @@ class ShardedInstanceClassifier(nn.Module):
         if fused not in FUSED_MODES:
             raise ValueError(f"fused must be one of {', '.join(FUSED_MODES)}, got {fused!r}")
         if fused == "always" and not _triton_available():
-            raise RuntimeError("ShardedInstanceClassifier(fused='always') needs triton, which is not installed: "
-                               "install it (it ships with CUDA builds of torch) or use fused='auto' / 'never'")
+            raise ConfigError("classifier.fused=always needs triton, which is not installed: install it (it ships "
+                              "with CUDA builds of torch) or use fused=auto / never")
         self.fused = fused
         self.num_instances, self.dim, self.temperature = num_instances, dim, float(temperature)
         self.group, self.world_size, self.rank = group, world_size, rank

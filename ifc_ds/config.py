@@ -323,17 +323,25 @@ def validate(section) -> None:
         section.__post_init__()
 
 
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML config file's mapping; ConfigError if the file is missing or holds something else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- overrides, validated."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        apply_mapping(cfg, data)
+        apply_mapping(cfg, read_yaml_mapping(path))
     apply_mapping(cfg, parse_overrides(overrides or []))
     validate(cfg)
     return cfg

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -10,7 +11,7 @@ import timm
 import torch
 from torch import nn
 
-from ifc_ds.config import ModelConfig
+from ifc_ds.config import ConfigError, ModelConfig
 
 
 def adapt_stem_to_small_images(backbone: nn.Module) -> None:
@@ -18,18 +19,27 @@ def adapt_stem_to_small_images(backbone: nn.Module) -> None:
     pool reduce a 32x32 image to 8x8 before the first block)."""
     conv = getattr(backbone, "conv1", None)
     if not isinstance(conv, nn.Conv2d) or not hasattr(backbone, "maxpool"):
-        raise ValueError(f"small_images supports timm ResNet-style models (conv1 + maxpool), "
-                         f"not {type(backbone).__name__}")
+        raise ConfigError(f"model.small_images=true supports timm ResNet-style models (conv1 + maxpool), "
+                          f"not {type(backbone).__name__}")
     backbone.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
     backbone.maxpool = nn.Identity()
 
 
 def create_backbone(cfg: ModelConfig, image_size: int | None = None) -> nn.Module:
     """``timm.create_model(name, num_classes=0)``: pooled features [B, backbone.num_features]."""
+    if ":" not in cfg.name and not timm.is_model(cfg.name):  # (hf-hub: / local-dir: names are timm's to check)
+        close = difflib.get_close_matches(cfg.name, timm.list_models(), n=3, cutoff=0.8)
+        raise ConfigError(f"model.name={cfg.name!r} is not a timm model"
+                          + (f"; did you mean {', '.join(close)}?" if close else " (timm.list_models() lists them)"))
     kwargs = dict(cfg.kwargs)
     if image_size is not None and _takes_img_size(cfg.name):
         kwargs.setdefault("img_size", image_size)
-    backbone = timm.create_model(cfg.name, pretrained=False, num_classes=0, **kwargs)
+    try:
+        backbone = timm.create_model(cfg.name, pretrained=False, num_classes=0, **kwargs)
+    except TypeError as exc:  # a model.kwargs key the architecture does not take
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise ConfigError(f"model.kwargs={cfg.kwargs}: {cfg.name} does not take it ({exc})") from None
     if cfg.small_images:
         adapt_stem_to_small_images(backbone)
     return backbone

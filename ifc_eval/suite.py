@@ -20,12 +20,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import timm
 import torch
 
 from ifc_ds.augment import DeviceViews, eval_crop
-from ifc_ds.checkpoint import content_key, read_checkpoint
+from ifc_ds.checkpoint import CheckpointError, content_key, read_checkpoint
 from ifc_ds.collectives import rank_in, size
-from ifc_ds.config import AugmentConfig, ConfigError, ModelConfig, apply_mapping, parse_overrides
+from ifc_ds.config import AugmentConfig, ConfigError, ModelConfig, apply_mapping, parse_overrides, read_yaml_mapping
 from ifc_ds.crops import batch_crops
 from ifc_ds.data import (
     load_dataset,
@@ -90,11 +91,9 @@ class EvalSuiteConfig:
 
 
 def load_suite_config(path: str | None, overrides: list[str]) -> EvalSuiteConfig:
-    import yaml
-
     cfg = EvalSuiteConfig()
     if path:
-        apply_mapping(cfg, yaml.safe_load(Path(path).read_text()) or {})
+        apply_mapping(cfg, read_yaml_mapping(path))
     apply_mapping(cfg, parse_overrides(overrides))
     for name, entry in list(cfg.datasets.items()):
         if not isinstance(entry, dict):
@@ -106,6 +105,10 @@ def load_suite_config(path: str | None, overrides: list[str]) -> EvalSuiteConfig
     unknown = set(cfg.protocols) - {"knn", "linear", "semi"}
     if unknown:
         raise ConfigError(f"protocols: unknown {sorted(unknown)}; choose from knn, linear, semi")
+    for spec in cfg.baselines:  # checked here, not after the checkpoint's whole evaluation
+        if spec != "random" and not (spec.startswith("timm:") and timm.is_model(spec[len("timm:"):])):
+            raise ConfigError(f"baselines: unknown '{spec}'; use random or timm:<model name> (a name in "
+                              "timm.list_models())")
     return cfg
 
 
@@ -168,7 +171,12 @@ def _from_export(path: str, cfg: EvalSuiteConfig) -> Candidate:
     else:
         model_cfg, size, weights = cfg.model, cfg.image_size or 224, Path(path)
     encoder = InstanceEncoder(model_cfg, size)
-    encoder.backbone.load_state_dict(load_file(weights))
+    try:
+        encoder.backbone.load_state_dict(load_file(weights))
+    except RuntimeError as exc:  # a bare weights file names no architecture: `model` must say it
+        raise CheckpointError(f"{weights}: the weights do not fit model.name={model_cfg.name}, model.small_images="
+                              f"{model_cfg.small_images} ({str(exc).splitlines()[-1].strip()}): set model.* to "
+                              "the architecture they were exported from") from None
     return Candidate("exported", encoder, model_cfg, f"{weights.resolve()}:{weights.stat().st_mtime_ns}", size)
 
 
@@ -319,12 +327,14 @@ def main(argv=None) -> int:
     results: dict = {}
     for name, entry in cfg.datasets.items():
         results[name] = evaluate(main_cand, entry, cfg, dev)
-        log.info("%s / checkpoint: %s", name, results[name])
+        if is_main():
+            log.info("%s / %s: %s", name, main_cand.name, results[name])
     for spec in cfg.baselines:
         cand = _baseline(spec, main_cand, cfg)
         results.setdefault("_baselines", {})[spec] = {name: evaluate(cand, entry, cfg, dev)
                                                       for name, entry in cfg.datasets.items()}
-        log.info("baseline %s: %s", spec, results["_baselines"][spec])
+        if is_main():
+            log.info("baseline %s: %s", spec, results["_baselines"][spec])
     if is_main():
         write_report(results, cfg.output_dir)
         print((Path(cfg.output_dir) / "results.md").read_text())

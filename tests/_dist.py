@@ -28,6 +28,13 @@ PRELOAD = [m for m in WORKER_MODULES if m != "__main__"] + ["timm", "deepspeed",
                                                              "tests._dist"]
 
 
+_server_interprets: bool | None = None  # TRITON_INTERPRET as the forkserver started with it
+
+
+def _interprets_triton() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _entry(rank: int, world_size: int, tmp: str, environ: dict, fn, args) -> None:
     os.environ.clear()
     os.environ.update(environ)
@@ -55,10 +62,19 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 600) -> None:
     its peers fail too ("connection closed"); the root cause is reported first. Ranks still running
     after ``timeout_s`` (or when the test is interrupted) are killed and the test fails: a hung rank
     must not hang the suite."""
+    global _server_interprets
+    interprets = _interprets_triton()
+    if _server_interprets is None:  # the forkserver starts now, with this environment
+        _server_interprets = interprets
     multiprocessing.set_forkserver_preload(PRELOAD)  # (no effect once the server runs)
+    # triton.language defines some of its own functions with @triton.jit, in the interpreter's form or the
+    # compiler's as TRITON_INTERPRET says when it is imported, and the forkserver imported it (through
+    # DeepSpeed): ranks that want the other form start fresh. A fused-kernel test run after any other
+    # multi-rank test failed that way ("Cannot call @triton.jit'd outside of the scope of a kernel")
+    method = "forkserver" if interprets == _server_interprets else "spawn"
     with tempfile.TemporaryDirectory() as tmp:
         context = mp.start_processes(_entry, args=(world_size, tmp, dict(os.environ), fn, args), nprocs=world_size,
-                                     join=False, start_method="forkserver")
+                                     join=False, start_method=method)
         deadline = time.monotonic() + timeout_s
         try:
             while not context.join(timeout=1):

@@ -272,6 +272,24 @@ def test_feature_cache_follows_the_checkpoints_content(trained, tmp_path):
     assert torch.equal(cached, again)  # an unchanged checkpoint still hits the cache
 
 
+def test_bare_weights_of_another_architecture_are_a_clear_error(tmp_path):
+    """A .safetensors file names no architecture; weights of another one (here the small-image stem's
+    3x3 conv1 against `model`'s 7x7) are the one-line CheckpointError (was torch's RuntimeError)."""
+    from safetensors.torch import save_file
+
+    from ifc_ds.checkpoint import CheckpointError
+    from ifc_ds.config import ModelConfig
+    from ifc_ds.model import InstanceEncoder
+    from ifc_eval.suite import _from_export, load_suite_config
+
+    weights = tmp_path / "w.safetensors"
+    save_file(InstanceEncoder(ModelConfig(name="resnet18", small_images=True), 32).backbone.state_dict(), weights)
+    with pytest.raises(CheckpointError, match=r"do not fit model.name=resnet18, model.small_images=False \(size "
+                                              r"mismatch for conv1.weight"):
+        _from_export(str(weights), load_suite_config(None, ["model.name=resnet18", "image_size=32"]))
+    _from_export(str(weights), load_suite_config(None, ["model.name=resnet18", "model.small_images=true"]))
+
+
 def test_a_run_and_its_checkpoint_folder_read_alike_and_anything_else_is_a_clear_error(trained, tmp_path):
     """Export and the suite find a run's checkpoint through ``read_checkpoint`` (once two copies)."""
     import json
@@ -298,6 +316,11 @@ def test_a_run_and_its_checkpoint_folder_read_alike_and_anything_else_is_a_clear
     # a path that is no run: the checkpoint's error, not 'the run has no eval.train' (it was read as no run)
     (["ifc-eval", "--checkpoint", "{tmp}/missing"], "CheckpointError: {tmp}/missing: not a run's output_dir"),
     (["ifc-eval", "--checkpoint", "random", "no_such_key=1"], "ConfigError: unknown config key 'no_such_key'"),
+    (["ifc-eval", "--checkpoint", "random", "--config", "{tmp}/none.yaml"],
+     "ConfigError: config file {tmp}/none.yaml does not exist"),  # was FileNotFoundError
+    # refused before anything is evaluated (was: after the checkpoint's whole evaluation)
+    (["ifc-eval", "--checkpoint", "random", "model.name=test_resnet", "datasets.d.train=sklearn:digits",
+      "datasets.d.test=sklearn:digits", "baselines=[imagenet]"], "ConfigError: baselines: unknown 'imagenet'"),
     (["ifc-export", "--checkpoint", "{tmp}/missing", "--out", "{tmp}/x"], "CheckpointError: {tmp}/missing: not a run"),
     (["ifc-preview", "--data", "nope:1", "--out", "{tmp}/v.png"], "DatasetSpecError: dataset 'nope:1': unknown kind"),
 ])
@@ -309,4 +332,4 @@ def test_the_commands_answer_bad_input_in_one_line_and_exit_2(tmp_path, command,
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message.format(tmp=tmp_path) in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "results.json").exists()
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "features").exists()  # nothing evaluated

@@ -171,10 +171,10 @@ def test_fused_option_errors(monkeypatch):
     if classifier_module._triton_available():  # on CPU the kernels run only in the interpreter
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         clf = ShardedInstanceClassifier(N, D, fused="always")
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        with pytest.raises(ConfigError, match="classifier.fused=always on CPU .* TRITON_INTERPRET"):
             clf(torch.randn(3, D), torch.tensor([0, 1, 2]))
     monkeypatch.setattr(classifier_module, "_triton_available", lambda: False)
-    with pytest.raises(RuntimeError, match="needs triton"):
+    with pytest.raises(ConfigError, match="classifier.fused=always needs triton"):
         ShardedInstanceClassifier(N, D, fused="always")
     assert not classifier_module._use_fused("auto", torch.device("cuda"), D)
 

@@ -134,12 +134,15 @@ def _check_monitor(rank, world_size, queries_from):
     import ifc_ds.knn_monitor as monitor_module
     from ifc_ds.augment import DeviceViews
     from ifc_ds.config import load_config
+    from ifc_ds.knn_monitor import holdout_rows
     from ifc_ds.model import InstanceEncoder, data_config
 
-    split = (["eval.holdout=0.2"] if queries_from == "holdout"
+    split = (["eval.holdout=0.2"] if queries_from != "test"
              else ["eval.test=sklearn:digits", "eval.limit_test=40"])  # queries: the first 40 rows, bank: 150
+    # a streaming spec (as data.train may be) is read map-style: its held-out rows are picked (crashed before)
+    bank_spec = "sklearn:digits:streaming=true" if queries_from == "holdout of a stream" else "sklearn:digits"
     cfg = load_config(None, ["model.name=test_resnet", "model.head_hidden=16", "model.dim=8", "data.image_size=32",
-                             "eval.train=sklearn:digits", "eval.limit_train=150", "eval.k=10", "eval.batch_size=16",
+                             f"eval.train={bank_spec}", "eval.limit_train=150", "eval.k=10", "eval.batch_size=16",
                              *split])
     torch.manual_seed(0)
     encoder = InstanceEncoder(cfg.model, 32)
@@ -165,7 +168,7 @@ def _check_monitor(rank, world_size, queries_from):
     mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     with torch.no_grad():
         reference = encoder.eval().backbone_features((images.float() / 255 - mean) / std)
-    bank_rows, query_rows = (range(120), range(120, 150)) if queries_from == "holdout" else (range(150), range(40))
+    bank_rows, query_rows = holdout_rows(150, 0.2) if queries_from != "test" else (range(150), range(40))
     (bank_f, bank_y, bank_ids), (query_f, query_y, query_ids) = passes
     shards = [None] * world_size if world_size > 1 else [bank_ids.tolist()]
     if world_size > 1:
@@ -182,7 +185,22 @@ def _check_monitor(rank, world_size, queries_from):
     assert top1 == topk_accuracy(scores, query_y, ks=(1,))[1]
 
 
-@pytest.mark.parametrize("world_size, queries_from", [(1, "holdout"), (2, "test"), (3, "holdout")])
+def test_holdout_rows_are_a_fixed_random_split():
+    """Not the last rows: data stored class after class (an imagefolder) kept its last classes out of
+    the bank, and the monitor read 0% (10 classes of 30 rows, the last 30% held out: 3 classes)."""
+    from ifc_ds.knn_monitor import holdout_rows
+
+    labels = np.repeat(np.arange(10), 30)
+    bank, queries = holdout_rows(300, 0.3)
+    assert len(queries) == 90 and sorted(bank + queries) == list(range(300))
+    assert bank == sorted(bank) and queries == sorted(queries)
+    assert set(labels[bank]) == set(labels[queries]) == set(range(10))
+    assert holdout_rows(300, 0.3) == (bank, queries)  # the same split in every run and on every rank
+    assert holdout_rows(300, 0.3, seed=1) != (bank, queries)
+    assert len(holdout_rows(5, 0.01)[1]) == 1  # at least one query
+
+
+@pytest.mark.parametrize("world_size, queries_from", [(1, "holdout"), (2, "test"), (3, "holdout of a stream")])
 def test_knn_monitor_sees_the_right_rows(world_size, queries_from):
     if world_size == 1:
         _check_monitor(0, 1, queries_from)

@@ -415,10 +415,17 @@ def test_own_failures_keep_their_traceback_and_do_not_claim_a_lost_peer(tmp_path
 @pytest.mark.parametrize("override,line", [
     ("data.train=parquet:/nonexistent/*.parquet",
      "DatasetSpecError: dataset 'parquet:/nonexistent/*.parquet': no file matches"),
-    ("train.no_such_key=1", "ConfigError: unknown config key 'train.no_such_key'")])  # raised by load_config
+    ("train.no_such_key=1", "ConfigError: unknown config key 'train.no_such_key'"),  # raised by load_config
+    # raised once the model is built (were timm's RuntimeError / TypeError, and a Triton RuntimeError at the
+    # first forward: tracebacks and exit 1)
+    ("model.name=resnet999", "ConfigError: model.name='resnet999' is not a timm model"),
+    ("model.kwargs={drop_rat: 0.1}", "ConfigError: model.kwargs={'drop_rat': 0.1}: test_resnet does not take it"),
+    ("classifier.fused=always", "ConfigError: classifier.fused=always on CPU runs the Triton kernels in the "
+                                "interpreter only")])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, override, line):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "train.py", *TINY, f"output_dir={tmp_path}", override], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert line in proc.stderr
     assert "Traceback" not in proc.stderr
