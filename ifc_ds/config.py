@@ -166,7 +166,7 @@ class HooksConfig:
 class EvalConfig:
     train: str | None = "sklearn:digits"  # labelled bank for the kNN monitor (None: no monitor)
     test: str | None = None  # queries; None: a held-out split of `train` (see holdout)
-    holdout: float = 0.3  # fraction of `train` used as queries when `test` is None
+    holdout: float = 0.3  # fraction of `train` used as queries when `test` is None (a fixed random split)
     limit_train: int | None = None
     limit_test: int | None = None
     every_epochs: int = 0  # 0: only after training

@@ -14,6 +14,7 @@ Upload it as it is with ``huggingface_hub.upload_folder(repo_id=..., folder_path
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ifc_ds.augment import eval_crop_pct
@@ -35,6 +36,18 @@ def load_run_encoder(checkpoint: str, image_size: int | None = None):
     return encoder, run_cfg, ckpt
 
 
+_SOURCE_KEYS = ("tag", "hf_hub_id", "hf_hub_filename", "url", "file", "source", "license", "paper_ids", "paper_name",
+                "origin_url", "notes")
+
+
+def _follow_umask(path: Path) -> None:
+    """safetensors writes its file with mode 0600 (a temporary file renamed); give it the mode any new
+    file gets here, as config.json has: others can read what is shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def export_backbone(checkpoint: str, out: str) -> Path:
     """Writes the backbone of ``checkpoint`` to the folder ``out`` (or the file ``out`` if it ends in
     .safetensors); returns the path written."""
@@ -45,17 +58,22 @@ def export_backbone(checkpoint: str, out: str) -> Path:
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(out_path))
+        _follow_umask(out_path)
         return out_path
     from timm.models import save_for_hf
 
     mean, std = data_config(run_cfg.model.name)
     size = run_cfg.data.image_size
+    # timm's defaults describe the weights timm would download for this architecture (their tag, paper,
+    # licence): not these, which the run trained from scratch
+    backbone.pretrained_cfg = {k: v for k, v in backbone.pretrained_cfg.items() if k not in _SOURCE_KEYS}
     model_config = {EXPORT_STEM_KEY: True} if run_cfg.model.small_images else {}
     if run_cfg.model.kwargs:
         model_config["model_args"] = dict(run_cfg.model.kwargs)
     save_for_hf(backbone, str(out_path), model_config=model_config, safe_serialization=True,
                 data_config={"input_size": (3, size, size), "mean": mean, "std": std,
                              "crop_pct": eval_crop_pct(AugmentConfig(), size)})
+    _follow_umask(out_path / "model.safetensors")
     return out_path
 
 

@@ -1,6 +1,7 @@
 """Evaluation suite: linear probe, class-balanced subsets, export to timm, the CLI end to end."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -168,6 +169,9 @@ def test_export_folder_loads_with_timm_alone(trained, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors"}
+    # nothing of the weights timm would download for the architecture (test_resnet's: r160_in1k, apache-2.0)
+    pretrained_cfg = json.loads((folder / "config.json").read_text())["pretrained_cfg"]
+    assert not {"tag", "license", "hf_hub_id", "paper_ids"} & set(pretrained_cfg), pretrained_cfg
     proc = subprocess.run([sys.executable, "-c", _TIMM_ALONE, str(folder), str(tmp_path / "timm.pt")],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -227,6 +231,9 @@ def test_export_takes_the_fp32_master_weights_of_a_bf16_run(tmp_path, zero, smal
     from ifc_ds.checkpoint import find_checkpoint
 
     weights = load_file(exported / "model.safetensors" if small_images else exported)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (exported / ("model.safetensors" if small_images else "")).stat().st_mode & 0o777 == 0o666 & ~umask
     if small_images:
         from ifc_ds.model import load_exported
 

@@ -91,7 +91,7 @@ def _load_raw_unchecked(spec: DatasetSpec, stream: bool):
         if not Path(spec.path).exists():
             raise spec.error(f"folder '{spec.path}' does not exist")
         return _pick_split(spec, datasets.load_from_disk(spec.path))
-    # hub: only what the local cache holds, so a missing dataset fails at once instead of hanging
+    # hub: datasets reads its cache, or downloads (HF_HUB_OFFLINE=1: the cache only); a failure is one line
     try:
         return datasets.load_dataset(spec.path, split=split, streaming=stream)
     except Exception as exc:  # datasets raises several types for "not cached" / offline
