@@ -233,7 +233,10 @@ def _coerce(value, hint, key: str):
         choices = typing.get_args(hint)
         if value in choices:
             return value
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        # YAML reads an unquoted yes / no / on / off / true / false as a boolean, not the word typed
+        typed = " (YAML reads yes / no / on / off as a boolean: use one of the words)"
+        typed = typed if isinstance(value, bool) else ""
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{typed}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if value is None and type(None) in args:

@@ -56,7 +56,9 @@ def test_choices_are_literal_fields_and_sections_check_themselves():
     from ifc_ds.engine import OPTIMIZERS
 
     assert set(typing.get_args(OptimizerName)) == set(OPTIMIZERS)  # the config offers what the factory builds
-    with pytest.raises(ConfigError, match="data.in_memory: 'sometimes' is not one of auto, always, never"):
+    with pytest.raises(ConfigError, match=r"data.in_memory: True is not one of auto, always, never \(YAML reads yes"):
+        load_config(None, ["data.in_memory=yes"])
+    with pytest.raises(ConfigError, match="data.in_memory: 'sometimes' is not one of auto, always, never$"):
         load_config(None, ["data.in_memory=sometimes"])
     with pytest.raises(ConfigError, match="hooks.raw_init.mode: 'eager' is not one of full, lazy"):
         load_config(None, ["hooks.raw_init.mode=eager"])
