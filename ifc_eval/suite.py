@@ -182,14 +182,9 @@ def _from_export(path: str, cfg: EvalSuiteConfig) -> Candidate:
 
 def _baseline(spec: str, reference: Candidate, cfg: EvalSuiteConfig) -> Candidate:
     """``random``: the reference architecture with fresh weights; ``timm:<name>``: any timm model
-    (random weights: nothing is downloaded)."""
+    (random weights: nothing is downloaded). ``load_suite_config`` has checked ``spec``."""
     torch.manual_seed(cfg.seed)
-    if spec == "random":
-        model_cfg = reference.model_cfg
-    elif spec.startswith("timm:"):
-        model_cfg = ModelConfig(name=spec.split(":", 1)[1])
-    else:
-        raise ConfigError(f"baselines: unknown '{spec}'; use random or timm:<model name>")
+    model_cfg = reference.model_cfg if spec == "random" else ModelConfig(name=spec.removeprefix("timm:"))
     encoder = InstanceEncoder(model_cfg, reference.image_size)
     return Candidate(spec, encoder, model_cfg, f"{spec}:{cfg.seed}:{model_cfg}", reference.image_size)
 
