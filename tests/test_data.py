@@ -94,11 +94,17 @@ def test_bad_specs_give_one_line_errors(sources, tmp_path):
         sources["parquet"] + ":limit=x": "must be integers",
         sources["parquet"] + ":start=-2": "start and limit must be integers >= 0",
         sources["parquet"] + ":limit=-1": "start and limit must be integers >= 0",
+        # these read exactly the files named: a split would only have renamed all of them (silently, before)
+        sources["parquet"] + ":split=test": "name the split's files instead",
+        sources["arrow"] + ":split=train": "name the split's files instead",
+        "sklearn:digits:split=test": "name the split's files instead",
+        sources["imagefolder"] + ":split=test": "no split 'test'; available: train",
     }
     for spec, message in cases.items():
         with pytest.raises(DatasetSpecError, match=message) as info:
             load_dataset(spec)
         assert "\n" not in str(info.value) and spec.split(":")[0] in str(info.value)
+    assert load_dataset(sources["imagefolder"] + ":split=train").num_instances == 12  # where a split chooses
 
 
 def test_hub_name_offline_not_cached(monkeypatch, tmp_path):

@@ -61,6 +61,12 @@ def parse_spec(text: str) -> DatasetSpec:
         valid = False
     if not valid:
         raise DatasetSpecError(f"dataset '{text}': start and limit must be integers >= 0")
+    if "split" in options and kind in ("parquet", "arrow", "sklearn"):
+        # the files given are all of the data: a split would only rename them, and "split=test" on a glob over
+        # train-*.parquet and test-*.parquet read both as "test", silently
+        raise DatasetSpecError(f"dataset '{text}': split= chooses among the splits of an imagefolder, disk or hub "
+                               f"dataset; a {kind} spec reads exactly its files, so name the split's files instead "
+                               "(e.g. parquet:/data/test-*.parquet)")
     return DatasetSpec(kind=kind, path=path, split=options.get("split"), image_column=options.get("image_column"),
                        label_column=options.get("label_column"), start=start, limit=limit,
                        streaming=options.get("streaming", "false").lower() in ("1", "true", "yes"), text=text)
