@@ -101,3 +101,33 @@ def test_ds_config_paths_resolve_from_any_working_directory(tmp_path, monkeypatc
     assert read_ds_config("ds_configs/zero0_fp32.json") == {"gradient_accumulation_steps": 3}
     with pytest.raises(ConfigError, match="train.ds_config ds_configs/none.json does not exist"):
         read_ds_config("ds_configs/none.json")
+
+
+@pytest.mark.parametrize("ds_config,message", [
+    ({"optimizer": {"type": "Adam"}}, "has a 'optimizer' section"),
+    ({"scheduler": {"type": "WarmupLR"}}, "has a 'scheduler' section"),
+    ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3 is not supported"),
+    ({"gradient_accumulation_steps": 0}, "must be a positive integer"),
+    ({"gradient_accumulation_steps": 2, "managed_gradient_accumulation": True}, "is not supported"),
+    # DeepSpeed never scales the loss there but unscales the gradients: the backbone did not move (measured)
+    ({"fp16": {"enabled": True}}, "fp16 with ZeRO stage 0 does not train"),
+    ({"fp16": {"enabled": True}, "zero_optimization": {"stage": 0}}, "deepspeedai/DeepSpeed#8393"),
+])
+def test_ds_configs_ifc_ds_cannot_run_are_refused(ds_config, message):
+    from ifc_ds.engine import backbone_ds_config
+
+    with pytest.raises(ConfigError, match=message):
+        backbone_ds_config(ds_config, 16, 2)
+
+
+def test_shipped_ds_configs_are_accepted():
+    import json
+    from pathlib import Path
+
+    from ifc_ds.engine import backbone_ds_config
+
+    shipped = sorted((Path(__file__).resolve().parent.parent / "ds_configs").glob("*.json"))
+    assert any("fp16" in p.name for p in shipped)
+    for path in shipped:
+        filled = backbone_ds_config(json.loads(path.read_text()), 16, 2)
+        assert filled["train_batch_size"] == 16 * 2 * filled["gradient_accumulation_steps"], path.name

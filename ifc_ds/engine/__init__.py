@@ -74,6 +74,13 @@ def backbone_ds_config(ds_config: dict, micro_batch: int, world_size: int) -> di
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2):
         raise ConfigError(f"ZeRO stage {stage} is not supported (use 0, 1 or 2)")
+    if stage == 0 and cfg.get("fp16", {}).get("enabled") is True:
+        # DeepSpeed's engine.backward scales the loss only for its ZeRO optimizers, and its fp16 optimizer for
+        # stage 0 still divides the gradients by the loss scale: every update came out 2^16 times too small and
+        # the backbone did not train, with no warning (deepspeedai/DeepSpeed#8393, open; measured here: 0 change)
+        raise ConfigError("fp16 with ZeRO stage 0 does not train under DeepSpeed: its loss is never scaled but its "
+                          "gradients are unscaled (deepspeedai/DeepSpeed#8393); use ZeRO stage 1 "
+                          "(ds_configs/zero1_fp16.json) or bf16")
     gas = cfg.get("gradient_accumulation_steps", 1)
     if gas == "auto":
         gas = 1
