@@ -35,6 +35,19 @@ def _interprets_triton() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def start_forkserver() -> None:
+    """Starts the session's forkserver now, preloading ``PRELOAD`` (conftest, at session start). The first
+    process to start it chooses its preload for the whole session, and a test that decodes with DataLoader
+    workers (tests/test_augment.py, before any multi-rank test) started it with the workers' modules only:
+    every later rank then imported timm, DeepSpeed and the engine itself (3.5 s a rank here)."""
+    global _server_interprets
+    from multiprocessing import forkserver
+
+    multiprocessing.set_forkserver_preload(PRELOAD)
+    forkserver.ensure_running()
+    _server_interprets = _interprets_triton()
+
+
 def _entry(rank: int, world_size: int, tmp: str, environ: dict, fn, args) -> None:
     os.environ.clear()
     os.environ.update(environ)

@@ -19,18 +19,72 @@ TINY = ["model.name=test_resnet", "model.head_hidden=32", "model.dim=16", "data.
         "checkpoint.every_epochs=1"]
 
 
-def start_ranks(world: int, overrides: list[str], log_dir: Path) -> list[subprocess.Popen]:
+# train.py whose ranks, after the optimizer step that makes step IFC_DS_TEST_GATE_STEP, each touch
+# IFC_DS_TEST_GATE.at.<rank> and wait for the file IFC_DS_TEST_GATE (at most 240 s): a test signals or kills
+# ranks at a known step. Polling for a step instead raced the tiny recipe, which runs several steps a second.
+GATED_TRAIN = """
+import os, sys, time
+from ifc_ds import trainer
+GATE, AT = os.environ["IFC_DS_TEST_GATE"], int(os.environ["IFC_DS_TEST_GATE_STEP"])
+real_train_step = trainer.Trainer.train_step
+def train_step(self, *args, **kwargs):
+    result = real_train_step(self, *args, **kwargs)
+    if self.progress.step == AT:
+        open(f"{GATE}.at.{os.environ['RANK']}", "w").close()
+        deadline = time.monotonic() + 240
+        while not os.path.exists(GATE) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return result
+trainer.Trainer.train_step = train_step
+if __name__ == "__main__":
+    sys.path.insert(0, os.getcwd())  # train.py (the script's own folder is sys.path[0])
+    sys.argv = ["train.py"] + sys.argv[1:]
+    import train
+    sys.exit(train.main())
+"""
+
+
+def start_ranks(world: int, overrides: list[str], log_dir: Path, gate_after_step: int | None = None
+                ) -> list[subprocess.Popen]:
+    """``world`` ranks of train.py on the tiny recipe; with ``gate_after_step``, of ``GATED_TRAIN`` (see
+    ``wait_at_gate`` and ``open_gate``)."""
     port = free_port()
     procs = []
     log_dir.mkdir(parents=True, exist_ok=True)
+    script = REPO / "train.py"
+    gate = {}
+    if gate_after_step is not None:
+        script = log_dir / "gated_train.py"
+        script.write_text(GATED_TRAIN)
+        gate = dict(IFC_DS_TEST_GATE=str(log_dir / "gate"), IFC_DS_TEST_GATE_STEP=str(gate_after_step))
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                    LOCAL_WORLD_SIZE=str(world), LOCAL_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+                   OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **gate)
         log = open(log_dir / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "train.py"), *TINY, *overrides], cwd=REPO, env=env,
+        procs.append(subprocess.Popen([sys.executable, str(script), *TINY, *overrides], cwd=REPO, env=env,
                                       stdout=log, stderr=subprocess.STDOUT))
     return procs
+
+
+def wait_at_gate(procs, log_dir: Path, timeout: float = 240) -> None:
+    """Until every rank of ``start_ranks(..., gate_after_step=...)`` waits at the gate; a rank that exits
+    first, or the timeout, fails the test with the logs (and kills the ranks)."""
+    import time
+
+    deadline = time.time() + timeout
+    try:
+        while not all((log_dir / f"gate.at.{rank}").exists() for rank in range(len(procs))):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), logs(log_dir)
+            time.sleep(0.1)
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+
+
+def open_gate(log_dir: Path) -> None:
+    (log_dir / "gate").touch()
 
 
 def wait_ranks(procs, timeout: float = 300) -> list[int]:

@@ -6,6 +6,12 @@ CIFAR_DIR = os.environ.get("IFC_DS_CIFAR10", os.path.join(os.path.dirname(__file
                                                           "cifar10"))
 
 
+def pytest_sessionstart(session):
+    from tests._dist import start_forkserver
+
+    start_forkserver()
+
+
 @pytest.fixture
 def cifar10_dir():
     """../shared/data/cifar10 (or $IFC_DS_CIFAR10); tests that need it skip without it."""

@@ -17,7 +17,7 @@ from ifc_ds.checkpoint import CheckpointError, check_compatible, find_checkpoint
 from ifc_ds.config import load_config
 from ifc_ds.engine import warmup_cosine
 from ifc_ds.lifecycle import EXIT_FAILED, EXIT_NONFINITE, EXIT_PEER_LOST, EXIT_PREEMPTED
-from tests._launch import REPO, TINY, logs, run_ranks, start_ranks, wait_ranks
+from tests._launch import REPO, TINY, logs, open_gate, run_ranks, start_ranks, wait_at_gate, wait_ranks
 
 
 def rows(ckpt: Path) -> dict:
@@ -166,12 +166,12 @@ def test_elastic_resume_one_to_two(tmp_path):
 def test_kill_minus_nine_then_resume(tmp_path, reference):
     out = tmp_path / "run"
     args = [f"output_dir={out}", "train.epochs=3", "checkpoint.every_steps=2", "dist.timeout_s=20"]
-    procs = start_ranks(2, args, tmp_path / "a")
-    deadline = time.time() + 240
-    while not (out / "checkpoints" / "step_00000004" / "meta.json").exists():
-        assert time.time() < deadline and procs[0].poll() is None, logs(tmp_path / "a")
-        time.sleep(0.2)
+    procs = start_ranks(2, args, tmp_path / "a", gate_after_step=5)
+    wait_at_gate(procs, tmp_path / "a")  # (the checkpoint of step 4 is complete)
+    assert (out / "checkpoints" / "step_00000004" / "meta.json").exists()
     procs[1].send_signal(signal.SIGKILL)
+    procs[1].wait(timeout=30)
+    open_gate(tmp_path / "a")  # rank 0 goes on into step 6, whose collectives find its peer gone
     t0 = time.time()
     code = procs[0].wait(timeout=120)
     assert code == EXIT_PEER_LOST and time.time() - t0 < 60, logs(tmp_path / "a")
@@ -183,16 +183,14 @@ def test_kill_minus_nine_then_resume(tmp_path, reference):
 def test_sigterm_checkpoints_and_exits_distinctly(tmp_path, reference):
     out = tmp_path / "run"
     args = [f"output_dir={out}", "train.epochs=3", "checkpoint.every_steps=2"]
-    procs = start_ranks(2, args, tmp_path / "a")
-    deadline = time.time() + 240
-    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
-        assert time.time() < deadline and procs[0].poll() is None, logs(tmp_path / "a")
-        time.sleep(0.1)
+    procs = start_ranks(2, args, tmp_path / "a", gate_after_step=3)
+    wait_at_gate(procs, tmp_path / "a")
     for p in procs:
         p.send_signal(signal.SIGTERM)
+    open_gate(tmp_path / "a")
     assert wait_ranks(procs, 120) == [EXIT_PREEMPTED] * 2, logs(tmp_path / "a")
-    stopped = find_checkpoint(str(out), "auto")
-    assert stopped is not None and int(stopped.name.split("_")[1]) < 9
+    stopped = find_checkpoint(str(out), "auto")  # the ranks agree on the signal after their next step
+    assert stopped is not None and stopped.name == "step_00000004", stopped
     ok(run_ranks(2, args, tmp_path / "b"), tmp_path / "b")
     assert_same_state(find_checkpoint(str(out), "auto"), find_checkpoint(str(reference), "auto"))
 
