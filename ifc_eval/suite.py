@@ -79,7 +79,7 @@ class EvalSuiteConfig:
     protocols: list = field(default_factory=lambda: ["knn", "linear"])  # knn | linear | semi
     baselines: list = field(default_factory=list)  # random | timm:<name>
     features: str = "backbone"  # backbone (pooled) | head (projection head output)
-    image_size: int | None = None  # None: the checkpoint's data.image_size
+    image_size: int | None = None  # None: the run's data.image_size, the export's; else timm's for `model`
     batch_size: int = 256
     num_workers: int = 0
     cache: bool = True
@@ -169,7 +169,7 @@ def _from_export(path: str, cfg: EvalSuiteConfig) -> Candidate:
         export = read_export(path)
         model_cfg, size, weights = export.model_config(cfg.model), cfg.image_size or export.input_size, export.weights
     else:
-        model_cfg, size, weights = cfg.model, cfg.image_size or 224, Path(path)
+        model_cfg, size, weights = cfg.model, cfg.image_size or _default_size(cfg.model), Path(path)
     encoder = InstanceEncoder(model_cfg, size)
     try:
         encoder.backbone.load_state_dict(load_file(weights))
@@ -178,6 +178,17 @@ def _from_export(path: str, cfg: EvalSuiteConfig) -> Candidate:
                               f"{model_cfg.small_images} ({str(exc).splitlines()[-1].strip()}): set model.* to "
                               "the architecture they were exported from") from None
     return Candidate("exported", encoder, model_cfg, f"{weights.resolve()}:{weights.stat().st_mtime_ns}", size)
+
+
+def _default_size(model_cfg: ModelConfig) -> int:
+    """The input size where nothing else gives one (random weights, a bare weights file): timm's for the
+    architecture (its pretrained_cfg's: 224 for a ResNet, 384 for a *_384 ViT), said in the log, since
+    the data's own size (32 for the digits) may be what the user meant."""
+    pretrained = timm.get_pretrained_cfg(model_cfg.name)
+    size = pretrained.input_size[-1] if pretrained is not None and pretrained.input_size else 224
+    log.info("image_size=%d, timm's input size for %s (set image_size= to evaluate at another)", size,
+             model_cfg.name)
+    return size
 
 
 def _baseline(spec: str, reference: Candidate, cfg: EvalSuiteConfig) -> Candidate:
@@ -314,7 +325,7 @@ def main(argv=None) -> int:
     dev = device()
     if args.checkpoint == "random":  # an untrained `model` (e.g. the random-init reference row)
         torch.manual_seed(cfg.seed)
-        size = cfg.image_size or 224
+        size = cfg.image_size or _default_size(cfg.model)
         main_cand = Candidate("random", InstanceEncoder(cfg.model, size), cfg.model, f"random:{cfg.seed}:{cfg.model}",
                               size)
     else:

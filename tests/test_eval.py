@@ -296,7 +296,17 @@ def test_bare_weights_of_another_architecture_are_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"do not fit model.name=resnet18, model.small_images=False \(size "
                                               r"mismatch for conv1.weight"):
         _from_export(str(weights), load_suite_config(None, ["model.name=resnet18", "image_size=32"]))
-    _from_export(str(weights), load_suite_config(None, ["model.name=resnet18", "model.small_images=true"]))
+    bare = _from_export(str(weights), load_suite_config(None, ["model.name=resnet18", "model.small_images=true"]))
+    assert bare.image_size == 224  # nothing names the input size: timm's for resnet18
+
+
+def test_input_size_where_nothing_gives_one_is_timms_for_the_architecture():
+    from ifc_ds.config import ModelConfig
+    from ifc_eval.suite import _default_size
+
+    names = ("resnet18", "test_resnet", "vit_small_patch16_384")
+    sizes = {name: _default_size(ModelConfig(name=name)) for name in names}
+    assert sizes == {"resnet18": 224, "test_resnet": 160, "vit_small_patch16_384": 384}
 
 
 def test_a_run_and_its_checkpoint_folder_read_alike_and_anything_else_is_a_clear_error(trained, tmp_path):
