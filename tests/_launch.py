@@ -19,23 +19,30 @@ TINY = ["model.name=test_resnet", "model.head_hidden=32", "model.dim=16", "data.
         "checkpoint.every_epochs=1"]
 
 
-# train.py whose ranks, after the optimizer step that makes step IFC_DS_TEST_GATE_STEP, each touch
-# IFC_DS_TEST_GATE.at.<rank> and wait for the file IFC_DS_TEST_GATE (at most 240 s): a test signals or kills
+# Patches the trainer so that its ranks, after the optimizer step that makes step IFC_DS_TEST_GATE_STEP, each
+# touch IFC_DS_TEST_GATE.at.<rank> and wait for the file IFC_DS_TEST_GATE (at most 240 s): a test signals or kills
 # ranks at a known step. Polling for a step instead raced the tiny recipe, which runs several steps a second.
-GATED_TRAIN = """
-import os, sys, time
+# With IFC_DS_TEST_GATE_SIGNAL set, a rank also waits there until its stop signal (SIGTERM / SIGUSR1) has come.
+GATE_PATCH = """
+import os, time
+import torch.distributed as dist
 from ifc_ds import trainer
-GATE, AT = os.environ["IFC_DS_TEST_GATE"], int(os.environ["IFC_DS_TEST_GATE_STEP"])
-real_train_step = trainer.Trainer.train_step
-def train_step(self, *args, **kwargs):
-    result = real_train_step(self, *args, **kwargs)
-    if self.progress.step == AT:
-        open(f"{GATE}.at.{os.environ['RANK']}", "w").close()
+_GATE, _AT = os.environ["IFC_DS_TEST_GATE"], int(os.environ["IFC_DS_TEST_GATE_STEP"])
+_SIGNAL = bool(os.environ.get("IFC_DS_TEST_GATE_SIGNAL"))
+_real_train_step = trainer.Trainer.train_step
+def _gated_train_step(self, *args, **kwargs):
+    result = _real_train_step(self, *args, **kwargs)
+    if self.progress.step == _AT:
+        open(f"{_GATE}.at.{dist.get_rank()}", "w").close()
         deadline = time.monotonic() + 240
-        while not os.path.exists(GATE) and time.monotonic() < deadline:
+        while not (os.path.exists(_GATE) and (not _SIGNAL or self.stop_signal.received is not None)) \\
+                and time.monotonic() < deadline:
             time.sleep(0.05)
     return result
-trainer.Trainer.train_step = train_step
+trainer.Trainer.train_step = _gated_train_step
+"""
+GATED_TRAIN = GATE_PATCH + """
+import sys
 if __name__ == "__main__":
     sys.path.insert(0, os.getcwd())  # train.py (the script's own folder is sys.path[0])
     sys.argv = ["train.py"] + sys.argv[1:]
@@ -44,8 +51,28 @@ if __name__ == "__main__":
 """
 
 
-def start_ranks(world: int, overrides: list[str], log_dir: Path, gate_after_step: int | None = None
-                ) -> list[subprocess.Popen]:
+def gate_environment(gate_dir: Path, step: int, until_signalled: bool = False) -> dict:
+    """The variables that arm ``GATE_PATCH`` (its files in ``gate_dir``)."""
+    return dict(IFC_DS_TEST_GATE=str(gate_dir / "gate"), IFC_DS_TEST_GATE_STEP=str(step),
+                **({"IFC_DS_TEST_GATE_SIGNAL": "1"} if until_signalled else {}))
+
+
+def gate_site(folder: Path) -> Path:
+    """A folder for PYTHONPATH whose sitecustomize applies ``GATE_PATCH`` in every Python started with
+    ``gate_environment``'s variables (ranks that a launcher such as srun starts from train.py itself)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ifc_ds_test_gate.py").write_text(GATE_PATCH)
+    (folder / "sitecustomize.py").write_text("import os\nif os.environ.get('IFC_DS_TEST_GATE'):\n"
+                                             "    import ifc_ds_test_gate  # noqa: F401\n")
+    return folder
+
+
+def at_gate(gate_dir: Path, world: int) -> bool:
+    return all((gate_dir / f"gate.at.{rank}").exists() for rank in range(world))
+
+
+def start_ranks(world: int, overrides: list[str], log_dir: Path, gate_after_step: int | None = None,
+                until_signalled: bool = False) -> list[subprocess.Popen]:
     """``world`` ranks of train.py on the tiny recipe; with ``gate_after_step``, of ``GATED_TRAIN`` (see
     ``wait_at_gate`` and ``open_gate``)."""
     port = free_port()
@@ -56,7 +83,7 @@ def start_ranks(world: int, overrides: list[str], log_dir: Path, gate_after_step
     if gate_after_step is not None:
         script = log_dir / "gated_train.py"
         script.write_text(GATED_TRAIN)
-        gate = dict(IFC_DS_TEST_GATE=str(log_dir / "gate"), IFC_DS_TEST_GATE_STEP=str(gate_after_step))
+        gate = gate_environment(log_dir, gate_after_step, until_signalled)
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                    LOCAL_WORLD_SIZE=str(world), LOCAL_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -74,7 +101,7 @@ def wait_at_gate(procs, log_dir: Path, timeout: float = 240) -> None:
 
     deadline = time.time() + timeout
     try:
-        while not all((log_dir / f"gate.at.{rank}").exists() for rank in range(len(procs))):
+        while not at_gate(log_dir, len(procs)):
             assert time.time() < deadline and all(p.poll() is None for p in procs), logs(log_dir)
             time.sleep(0.1)
     except BaseException:

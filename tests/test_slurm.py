@@ -10,7 +10,7 @@ import time
 import pytest
 
 from ifc_ds.checkpoint import find_checkpoint
-from tests._launch import REPO, TINY, run_ranks
+from tests._launch import REPO, TINY, at_gate, gate_environment, gate_site, run_ranks
 from tests.test_train import assert_same_state
 
 pytestmark = pytest.mark.slurm
@@ -80,16 +80,23 @@ def test_usr1_checkpoints_requeues_and_matches_uninterrupted(slurm, tmp_path):
 
     out = tmp_path / "run"
     (REPO / "logs").mkdir(exist_ok=True)
+    # the ranks wait after step 3 until the signal has come (polling for step 3 left ~3 steps, under a second,
+    # for the signal to arrive through slurmctld and slurmd before the run's end)
+    gated = dict(slurm, **gate_environment(tmp_path, 3, until_signalled=True),
+                 PYTHONPATH=os.pathsep.join(filter(None, [str(gate_site(tmp_path / "site")),
+                                                          slurm.get("PYTHONPATH")])))
     submit = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", f"--chdir={REPO}",
                              str(REPO / "slurm" / "pretrain.sbatch"), *args, f"output_dir={out}"],
-                            env=slurm, capture_output=True, text=True, timeout=60)
+                            env=gated, capture_output=True, text=True, timeout=60)
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip()
     deadline = time.time() + 300
-    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
-        assert time.time() < deadline, job_log("ifc_ds-pretrain", job)
+    while not at_gate(tmp_path, 2):
+        assert time.time() < deadline and job_state(slurm, job) in ("PENDING", "CONFIGURING", "RUNNING"), \
+            job_log("ifc_ds-pretrain", job)
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
+    (tmp_path / "gate").touch()  # (each rank goes on once the signal has come through slurmctld and slurmd)
     assert wait_job(slurm, job, timeout=600) == "COMPLETED", job_log("ifc_ds-pretrain", job)
     log = job_log("ifc_ds-pretrain", job)
     assert "requeueing" in log and "restart 1" in log, log

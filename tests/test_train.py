@@ -183,7 +183,7 @@ def test_kill_minus_nine_then_resume(tmp_path, reference):
 def test_sigterm_checkpoints_and_exits_distinctly(tmp_path, reference):
     out = tmp_path / "run"
     args = [f"output_dir={out}", "train.epochs=3", "checkpoint.every_steps=2"]
-    procs = start_ranks(2, args, tmp_path / "a", gate_after_step=3)
+    procs = start_ranks(2, args, tmp_path / "a", gate_after_step=3, until_signalled=True)
     wait_at_gate(procs, tmp_path / "a")
     for p in procs:
         p.send_signal(signal.SIGTERM)
