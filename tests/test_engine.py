@@ -334,6 +334,18 @@ def _start_launcher_ranks(world: int, mode: str):
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
 
 
+def _outputs(procs, timeout: float) -> list[str]:
+    """Each process's output once it ended; on a timeout every process is killed first (a spinning rank
+    left behind would load the tests after it)."""
+    try:
+        return [p.communicate(timeout=timeout)[0] for p in procs]
+    except BaseException:
+        for p in procs:
+            p.kill()
+            p.wait()
+        raise
+
+
 def _leaked_workspaces(port: int) -> list[str]:
     """DeepSpeed's shared-memory workspaces of the run on ``port`` still in /dev/shm (each 66 MiB of RAM)."""
     import glob
@@ -347,7 +359,7 @@ def test_shared_memory_all_reduce_is_the_sum_on_every_rank(world):
     one node): every rank gets the same sum, gloo's exactly for 2 ranks, float64's within rounding;
     and its workspaces leave /dev/shm with the run (DeepSpeed leaves them: 21 GB after a test suite)."""
     port, procs = _start_launcher_ranks(world, "sum")
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    outputs = _outputs(procs, 240)
     for rank, (p, out) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0 and f"OK {rank}" in out, out[-3000:]
     assert not _leaked_workspaces(port)
@@ -366,10 +378,12 @@ def test_shared_memory_all_reduce_has_a_deadline(mode, what):
 
     port, procs = _start_launcher_ranks(2, mode)
     t0 = time.time()
-    out = procs[0].communicate(timeout=120)[0]
-    took = time.time() - t0
-    procs[1].kill()
-    procs[1].wait(timeout=30)
+    try:
+        out = _outputs(procs[:1], 120)[0]
+        took = time.time() - t0
+    finally:
+        procs[1].kill()
+        procs[1].wait(timeout=30)
     assert procs[0].returncode == EXIT_PEER_LOST, out[-3000:]
     assert what in out, out[-3000:]
     assert took < 60, took
