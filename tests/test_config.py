@@ -112,6 +112,13 @@ def test_ds_config_paths_resolve_from_any_working_directory(tmp_path, monkeypatc
     # DeepSpeed never scales the loss there but unscales the gradients: the backbone did not move (measured)
     ({"fp16": {"enabled": True}}, "fp16 with ZeRO stage 0 does not train"),
     ({"fp16": {"enabled": True}, "zero_optimization": {"stage": 0}}, "deepspeedai/DeepSpeed#8393"),
+    # DeepSpeed reads these as enabled (a string "false" too): the refusal above was walked around
+    ({"fp16": {"enabled": "true"}}, "fp16.enabled must be true or false"),
+    ({"fp16": {"enabled": 1}}, "fp16.enabled must be true or false"),
+    ({"torch_autocast": {"enabled": "false"}}, "torch_autocast.enabled must be true or false"),
+    # fp16 autocast: ZeRO-1/2 never lowered the scale (every step skipped), ZeRO-0's scaler skipped unreported
+    *[({"torch_autocast": {"enabled": True, **dtype}, "zero_optimization": {"stage": stage}}, "torch_autocast needs")
+      for stage in (0, 1, 2) for dtype in ({"dtype": "torch.float16"}, {"dtype": "fp16"}, {"dtype": "half"}, {})],
 ])
 def test_ds_configs_ifc_ds_cannot_run_are_refused(ds_config, message):
     from ifc_ds.engine import backbone_ds_config
@@ -131,3 +138,8 @@ def test_shipped_ds_configs_are_accepted():
     for path in shipped:
         filled = backbone_ds_config(json.loads(path.read_text()), 16, 2)
         assert filled["train_batch_size"] == 16 * 2 * filled["gradient_accumulation_steps"], path.name
+    for accepted in ({"torch_autocast": {"enabled": True, "dtype": "torch.bfloat16"},
+                      "zero_optimization": {"stage": 2}},
+                     {"fp16": {"enabled": True}, "zero_optimization": {"stage": 1}},
+                     {"bf16": {"enabled": False}}):
+        backbone_ds_config(accepted, 16, 2)

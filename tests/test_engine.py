@@ -571,3 +571,27 @@ def test_dense_fused_sgd_is_torch_sgd_on_runs_of_memory():
     finally:
         fused_sgd.sgd = kernel
     assert calls and all(calls)
+
+
+def _skipped_steps_keep_the_schedule(rank, world_size, ds_config):
+    engines, _, _ = _build(rank, world_size, ds_config)
+    base = 0.5 * 4 * world_size / 256  # train.lr with the linear scaling rule
+    gen = torch.Generator().manual_seed(7)
+    for step in range(1, 4):
+        images, ids = torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, N, (4,), generator=gen)
+        assert train_step(engines, images, ids, 0, 0.0) is not None
+        optimizer_step(engines)
+        assert not engines.backbone.was_step_applied() and engines.backbone.skipped_steps == step  # the scale 2^60
+        expected = base * warmup_cosine(step, 4 * 5, 4, 0.0)  # 4 steps an epoch, the default 5 epochs, 1 of warm-up
+        assert engines.backbone.get_lr()[0] == pytest.approx(expected, rel=1e-12), step
+        assert engines.classifier.get_lr()[0] == pytest.approx(expected * 10, rel=1e-12), step
+
+
+def test_steps_deepspeed_skips_still_advance_the_backbone_schedule(tmp_path):
+    """An fp16 step whose gradients overflow is skipped by DeepSpeed, which then leaves it out of the
+    backbone's LR schedule; the classifier stepped, and a resume puts both schedules at the run's step:
+    the backbone's must count it too (it stayed at step 0's LR through every skip)."""
+    ds_config = tmp_path / "fp16.json"
+    ds_config.write_text('{"fp16": {"enabled": true, "initial_scale_power": 60, "hysteresis": 1}, '
+                         '"zero_optimization": {"stage": 1}}')
+    run_ranks(_skipped_steps_keep_the_schedule, 1, str(ds_config))

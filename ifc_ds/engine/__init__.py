@@ -32,6 +32,7 @@ import copy
 import json
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,18 @@ def backbone_ds_config(ds_config: dict, micro_batch: int, world_size: int) -> di
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2):
         raise ConfigError(f"ZeRO stage {stage} is not supported (use 0, 1 or 2)")
+    for key in ("fp16", "bf16", "amp", "torch_autocast"):
+        enabled = (cfg.get(key) or {}).get("enabled", False)
+        if not isinstance(enabled, bool):  # DeepSpeed takes "true", "false" (!) and 1 as enabled, each its own way
+            raise ConfigError(f"ds_config {key}.enabled must be true or false (a JSON boolean), got {enabled!r}")
+    autocast = cfg.get("torch_autocast") or {}
+    if autocast.get("enabled") and str(autocast.get("dtype", "")).removeprefix("torch.") not in ("bfloat16", "bf16"):
+        # measured: ZeRO-1/2's step found the scaled gradients' overflow and returned before its GradScaler could
+        # lower the scale, so every step was skipped for good; ZeRO-0's scaler skipped steps that DeepSpeed still
+        # reported as applied; no dtype means fp16 under CUDA's autocast, with no scaler at all
+        raise ConfigError("ds_config torch_autocast needs \"dtype\": \"torch.bfloat16\": with float16 (the CUDA "
+                          "default when no dtype is given) DeepSpeed's loss scaling skips steps silently or for good; "
+                          "for fp16 use the \"fp16\" section with ZeRO stage 1 or 2 (ds_configs/zero1_fp16.json)")
     if stage == 0 and cfg.get("fp16", {}).get("enabled") is True:
         # DeepSpeed's engine.backward scales the loss only for its ZeRO optimizers, and its fp16 optimizer for
         # stage 0 still divides the gradients by the loss scale: every update came out 2^16 times too small and
@@ -502,6 +515,14 @@ def optimizer_step(engines: Engines) -> None:
     with _groups_of(engines.classifier):
         engines.classifier.step()
     engines.backbone.step()
+    if not engines.backbone.was_step_applied():
+        # DeepSpeed leaves a step it skipped (fp16/bf16 gradients not finite; it logs each) out of its LR
+        # schedule, but the classifier stepped and the run counts the step: without this the backbone's
+        # schedule fell one step behind per skip, and a resume (which sets both at the run's step) did not
+        # continue the run it resumed
+        with warnings.catch_warnings():  # ("lr_scheduler.step() before optimizer.step()": the skip itself)
+            warnings.simplefilter("ignore", UserWarning)
+            engines.backbone.lr_scheduler.step()
 
 
 @contextlib.contextmanager
