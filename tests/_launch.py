@@ -62,7 +62,9 @@ def gate_site(folder: Path) -> Path:
     ``gate_environment``'s variables (ranks that a launcher such as srun starts from train.py itself)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "ifc_ds_test_gate.py").write_text(GATE_PATCH)
-    (folder / "sitecustomize.py").write_text("import os\nif os.environ.get('IFC_DS_TEST_GATE'):\n"
+    # (train.py only: DeepSpeed starts other Pythons, py-cpuinfo's, which would import the trainer for nothing)
+    (folder / "sitecustomize.py").write_text("import os, sys\nif os.environ.get('IFC_DS_TEST_GATE') and "
+                                             "os.path.basename(sys.argv[0]) == 'train.py':\n"
                                              "    import ifc_ds_test_gate  # noqa: F401\n")
     return folder
 

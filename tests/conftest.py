@@ -6,7 +6,10 @@ CIFAR_DIR = os.environ.get("IFC_DS_CIFAR10", os.path.join(os.path.dirname(__file
                                                           "cifar10"))
 
 
-def pytest_sessionstart(session):
+@pytest.fixture(scope="session", autouse=True)
+def forkserver():
+    """The session's forkserver, started before the first test with the ranks' preload (``_dist``). A
+    fixture, not a session hook: the server, its ranks and workers inherit pytest's captured output."""
     from tests._dist import start_forkserver
 
     start_forkserver()

@@ -116,6 +116,9 @@ def test_ds_config_paths_resolve_from_any_working_directory(tmp_path, monkeypatc
     ({"fp16": {"enabled": "true"}}, "fp16.enabled must be true or false"),
     ({"fp16": {"enabled": 1}}, "fp16.enabled must be true or false"),
     ({"torch_autocast": {"enabled": "false"}}, "torch_autocast.enabled must be true or false"),
+    ({"bfloat16": {"enabled": "yes"}}, "bfloat16.enabled must be true or false"),  # bf16's older name
+    ({"fp16": True}, "ds_config fp16 must be a section"),  # (was an AttributeError traceback)
+    ({"fp16": None}, "ds_config fp16 must be a section"),
     # fp16 autocast: ZeRO-1/2 never lowered the scale (every step skipped), ZeRO-0's scaler skipped unreported
     *[({"torch_autocast": {"enabled": True, **dtype}, "zero_optimization": {"stage": stage}}, "torch_autocast needs")
       for stage in (0, 1, 2) for dtype in ({"dtype": "torch.float16"}, {"dtype": "fp16"}, {"dtype": "half"}, {})],
@@ -131,7 +134,7 @@ def test_shipped_ds_configs_are_accepted():
     import json
     from pathlib import Path
 
-    from ifc_ds.engine import backbone_ds_config
+    from ifc_ds.engine import backbone_ds_config, classifier_ds_config
 
     shipped = sorted((Path(__file__).resolve().parent.parent / "ds_configs").glob("*.json"))
     assert any("fp16" in p.name for p in shipped)
@@ -143,3 +146,7 @@ def test_shipped_ds_configs_are_accepted():
                      {"fp16": {"enabled": True}, "zero_optimization": {"stage": 1}},
                      {"bf16": {"enabled": False}}):
         backbone_ds_config(accepted, 16, 2)
+    # the classifier engine is fp32 whatever the backbone's precision, under either name of bf16
+    for section in ("bf16", "bfloat16", "fp16"):
+        backbone = backbone_ds_config({section: {"enabled": True}, "zero_optimization": {"stage": 1}}, 16, 2)
+        assert section not in classifier_ds_config(backbone, 1.0)

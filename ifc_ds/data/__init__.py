@@ -3,10 +3,10 @@
 A dataset spec names the data the way users already do::
 
     parquet:/data/train-*.parquet          imagefolder:/data/train       disk:/data/saved
-    arrow:/data/train.arrow                owner/name  (hub, offline cache only)
+    arrow:/data/train.arrow                owner/name  (hub: datasets' cache or a download)
     sklearn:digits                         (the embedded default: scikit-learn's digits, 32x32 RGB)
 
-followed by optional ``:key=value`` options: ``split``, ``image_column``, ``label_column``,
+followed by optional ``:key=value`` options: ``split`` (imagefolder, disk, hub), ``image_column``, ``label_column``,
 ``start`` (skip the first rows), ``limit``, ``streaming``
 (e.g. ``parquet:/x/train.parquet:image_column=img:limit=2000``, ``sklearn:digits:start=1200``).
 

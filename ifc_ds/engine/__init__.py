@@ -53,6 +53,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]  # (this file is ifc_ds/engine/_
 log = logging.getLogger(__name__)
 
 
+# a ds_config's precision sections ("bfloat16": DeepSpeed's older name for "bf16", still read when "bf16" is absent)
+PRECISION_SECTIONS = ("fp16", "bf16", "bfloat16", "amp", "torch_autocast")
+
+
 def read_ds_config(path: str) -> dict:
     """Reads a ds_config JSON (relative paths: the working directory, then the repository)."""
     candidates = [Path(path), REPO_ROOT / path]
@@ -75,8 +79,10 @@ def backbone_ds_config(ds_config: dict, micro_batch: int, world_size: int) -> di
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2):
         raise ConfigError(f"ZeRO stage {stage} is not supported (use 0, 1 or 2)")
-    for key in ("fp16", "bf16", "amp", "torch_autocast"):
-        enabled = (cfg.get(key) or {}).get("enabled", False)
+    for key in PRECISION_SECTIONS:
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise ConfigError(f"ds_config {key} must be a section ({{\"enabled\": true, ...}}), got {cfg[key]!r}")
+        enabled = cfg.get(key, {}).get("enabled", False)
         if not isinstance(enabled, bool):  # DeepSpeed takes "true", "false" (!) and 1 as enabled, each its own way
             raise ConfigError(f"ds_config {key}.enabled must be true or false (a JSON boolean), got {enabled!r}")
     autocast = cfg.get("torch_autocast") or {}
@@ -87,7 +93,7 @@ def backbone_ds_config(ds_config: dict, micro_batch: int, world_size: int) -> di
         raise ConfigError("ds_config torch_autocast needs \"dtype\": \"torch.bfloat16\": with float16 (the CUDA "
                           "default when no dtype is given) DeepSpeed's loss scaling skips steps silently or for good; "
                           "for fp16 use the \"fp16\" section with ZeRO stage 1 or 2 (ds_configs/zero1_fp16.json)")
-    if stage == 0 and cfg.get("fp16", {}).get("enabled") is True:
+    if stage == 0 and cfg.get("fp16", {}).get("enabled"):
         # DeepSpeed's engine.backward scales the loss only for its ZeRO optimizers, and its fp16 optimizer for
         # stage 0 still divides the gradients by the loss scale: every update came out 2^16 times too small and
         # the backbone did not train, with no warning (deepspeedai/DeepSpeed#8393, open; measured here: 0 change)
@@ -129,7 +135,7 @@ def classifier_ds_config(backbone_cfg: dict, grad_clip: float) -> dict:
     gradient clip (the norm is taken over all shards: the engine's model-parallel group is the group
     the rows are sharded over), and a data-parallel world of one."""
     cfg = copy.deepcopy(backbone_cfg)
-    for key in ("fp16", "bf16", "amp", "torch_autocast"):
+    for key in PRECISION_SECTIONS:
         cfg.pop(key, None)
     cfg["gradient_clipping"] = grad_clip
     cfg["train_batch_size"] = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"]
@@ -331,8 +337,8 @@ def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_
             # after deepspeed.initialize: its parameter broadcast needs the plain layout. .to() swaps each
             # parameter's data in place, so the optimizer keeps its references
             bb_engine.module.to(memory_format=torch.channels_last)
-        # DeepSpeed's step scales the gradients in place to clip them, or to unscale them (torch autocast
-        # with a gradient scaler)
+        # DeepSpeed's step scales the gradients in place to clip them, or to unscale them (a torch-autocast
+        # gradient scaler: fp16 autocast, which backbone_ds_config refuses today)
         writes = bb_engine.gradient_clipping() > 0 or getattr(bb_engine, "torch_autocast_z0_gradscaler", None)
         flat_grads = FlatGradients(bb_engine.module, cfg.dist.timeout_s, cfg.output_dir,
                                    step_writes_gradients=bool(writes))
@@ -515,14 +521,15 @@ def optimizer_step(engines: Engines) -> None:
     with _groups_of(engines.classifier):
         engines.classifier.step()
     engines.backbone.step()
-    if not engines.backbone.was_step_applied():
-        # DeepSpeed leaves a step it skipped (fp16/bf16 gradients not finite; it logs each) out of its LR
-        # schedule, but the classifier stepped and the run counts the step: without this the backbone's
-        # schedule fell one step behind per skip, and a resume (which sets both at the run's step) did not
-        # continue the run it resumed
-        with warnings.catch_warnings():  # ("lr_scheduler.step() before optimizer.step()": the skip itself)
-            warnings.simplefilter("ignore", UserWarning)
-            engines.backbone.lr_scheduler.step()
+    for engine in (engines.classifier, engines.backbone):
+        if not engine.was_step_applied():
+            # DeepSpeed leaves a step it skipped (gradients not finite; it logs each) out of that engine's LR
+            # schedule, but the other engine stepped and the run counts the step: without this the schedule
+            # fell one step behind per skip, and a resume (which sets both at the run's step) did not continue
+            # the run it resumed
+            with warnings.catch_warnings():  # ("lr_scheduler.step() before optimizer.step()": the skip itself)
+                warnings.simplefilter("ignore", UserWarning)
+                engine.lr_scheduler.step()
 
 
 @contextlib.contextmanager
