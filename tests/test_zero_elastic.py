@@ -33,7 +33,10 @@ WRITTEN_CONFIGS = {
                            "gradient_clipping": 0.0}""",
     # DeepSpeed's elastic_checkpoint saves the base optimizer state as a list of per-group states
     "zero2_elastic_checkpoint.json": """{"zero_optimization": {"stage": 2, "elastic_checkpoint": true},
-                                         "gradient_accumulation_steps": 1, "gradient_clipping": 0.0}"""}
+                                         "gradient_accumulation_steps": 1, "gradient_clipping": 0.0}""",
+    # bf16 accumulating its gradients in fp32: DeepSpeed's BF16_Optimizer, not its ZeRO-1/2 optimizer
+    "bf16_fp32_accumulation.json": """{"bf16": {"enabled": true}, "zero_optimization": {"stage": 1},
+                                        "data_types": {"grad_accum_dtype": "fp32"}}"""}
 
 
 def _engines(world_size, ds_config, optimizer):
@@ -155,3 +158,40 @@ def test_missing_partition_is_a_clear_error(tmp_path):
     (tmp_path / "zero_pp_rank_1_mp_rank_00_optim_states.pt").touch()
     with pytest.raises(ZeroReshardError, match="ranks \\[1\\]"):
         read_zero_partitions(tmp_path)
+
+
+def _restore_refused(rank, world_size, ds_config, folder):
+    from ifc_ds.checkpoint import CheckpointError
+
+    engines = _engines(world_size, ds_config, "sgd")
+    assert type(engines.backbone.optimizer).__name__ == "BF16_Optimizer"
+    with pytest.raises(CheckpointError, match="not of its BF16_Optimizer .*: resume on the 2 ranks that wrote it"):
+        restore_zero_partitions(engines.backbone, Path(folder) / "backbone")
+
+
+def test_an_optimizer_it_cannot_repartition_is_a_clear_error(tmp_path):
+    """DeepSpeed's BF16_Optimizer keeps a layout of its own: an elastic resume of it is refused in one
+    line (a checkpoint error, exit 2 from train.py) instead of an AttributeError traceback."""
+    ds_config = tmp_path / "bf16_fp32_accumulation.json"
+    ds_config.write_text(WRITTEN_CONFIGS["bf16_fp32_accumulation.json"])
+    saved = tmp_path / "p2"
+    run_ranks(_train_and_save_backbone, 2, str(ds_config), str(saved))
+    run_ranks(_restore_refused, 1, str(ds_config), str(saved))
+
+
+def _train_and_save_backbone(rank, world_size, ds_config, folder):
+    engines = _engines(world_size, ds_config, "sgd")
+    _step(engines, rank, world_size, 1)
+    engines.backbone.save_checkpoint(folder, tag="backbone")
+
+
+def test_elastic_checkpoint_without_a_step_count_is_refused(tmp_path):
+    """DeepSpeed's loader of elastic_checkpoint's layout asserts a step count in the optimizer state:
+    with SGD a run could never resume (an AssertionError at a same-world resume), so it never starts."""
+    from ifc_ds.config import ConfigError
+
+    ds_config = tmp_path / "elastic.json"
+    ds_config.write_text(WRITTEN_CONFIGS["zero2_elastic_checkpoint.json"])
+    cfg = load_config(None, [f"train.ds_config={ds_config}", "train.optimizer=sgd"])
+    with pytest.raises(ConfigError, match="elastic_checkpoint=true with train.optimizer=sgd"):
+        build_engines(cfg, None, None, steps_per_epoch=4, world_size=1)  # (refused before any engine is built)

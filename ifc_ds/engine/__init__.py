@@ -297,6 +297,12 @@ def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_
     if cfg.train.optimizer == "lars" and ds_cfg.get("zero_optimization", {}).get("stage", 0) > 0:
         raise ConfigError("train.optimizer=lars needs ZeRO stage 0: its per-layer trust ratio would be computed "
                           "on ZeRO's flat partitions instead of layers")
+    if ds_cfg.get("zero_optimization", {}).get("elastic_checkpoint") and cfg.train.optimizer != "adamw":
+        # measured: a same-world resume failed on DeepSpeed's AssertionError (its loader of that layout wants a
+        # step count in the optimizer state); a run that could never resume is refused before it starts
+        raise ConfigError(f"ds_config elastic_checkpoint=true with train.optimizer={cfg.train.optimizer}: DeepSpeed "
+                          "cannot load that layout without a step count in the optimizer state, which only adamw "
+                          "keeps; drop elastic_checkpoint (ifc_ds re-partitions ZeRO state across world sizes itself)")
     global_batch = ds_cfg["train_batch_size"]
     lr = cfg.train.lr * global_batch / 256  # linear scaling rule
     # mutable (Engines.set_total_steps): a resume on another global batch re-plans the remaining steps

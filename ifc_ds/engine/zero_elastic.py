@@ -30,11 +30,14 @@ from deepspeed.checkpoint.constants import (
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
+from ifc_ds.checkpoint import CheckpointError
+
 _PARTITION_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
-class ZeroReshardError(RuntimeError):
-    """The saved ZeRO partitions cannot be mapped onto this engine; the message says why."""
+class ZeroReshardError(CheckpointError):
+    """The saved ZeRO partitions cannot be mapped onto this engine; the message says why (a checkpoint
+    error: one line and exit 2 from the commands)."""
 
 
 def _partition_files(folder: Path) -> list[Path]:
@@ -91,8 +94,12 @@ def restore_zero_partitions(engine, folder: Path) -> int:
     """Writes the state saved in ``folder`` (by any data-parallel size) into ``engine``'s ZeRO-1/2
     partitions: fp32 master weights, per-element optimizer state, per-group scalars, the loss scaler.
     Not a collective. Returns the data-parallel size that wrote the files."""
-    full, scalars, global_state = read_zero_partitions(folder)
     zero = engine.optimizer
+    if not hasattr(zero, "single_partition_of_fp32_groups"):  # (was an AttributeError traceback)
+        raise ZeroReshardError(f"{folder}: an elastic resume re-partitions the state of DeepSpeed's ZeRO-1/2 "
+                               f"optimizer, not of its {type(zero).__name__} (bf16 with data_types.grad_accum_dtype="
+                               f"fp32): resume on the {len(_partition_files(folder))} ranks that wrote it")
+    full, scalars, global_state = read_zero_partitions(folder)
     inner = zero.optimizer
     named = dict(engine.module.named_parameters())
     missing = sorted(set(named) - set(full))
