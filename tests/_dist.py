@@ -75,11 +75,9 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 600) -> None:
     its peers fail too ("connection closed"); the root cause is reported first. Ranks still running
     after ``timeout_s`` (or when the test is interrupted) are killed and the test fails: a hung rank
     must not hang the suite."""
-    global _server_interprets
+    if _server_interprets is None:  # (conftest starts it before the first test; a caller outside pytest, here)
+        start_forkserver()
     interprets = _interprets_triton()
-    if _server_interprets is None:  # the forkserver starts now, with this environment
-        _server_interprets = interprets
-    multiprocessing.set_forkserver_preload(PRELOAD)  # (no effect once the server runs)
     # triton.language defines some of its own functions with @triton.jit, in the interpreter's form or the
     # compiler's as TRITON_INTERPRET says when it is imported, and the forkserver imported it (through
     # DeepSpeed): ranks that want the other form start fresh. A fused-kernel test run after any other
