@@ -41,14 +41,16 @@ def _gated_train_step(self, *args, **kwargs):
     return result
 trainer.Trainer.train_step = _gated_train_step
 """
-GATED_TRAIN = GATE_PATCH + """
-import sys
+# the tail of a script that patches ifc_ds, then runs train.py's main with the script's arguments
+RUN_TRAIN = """
+import os, sys
 if __name__ == "__main__":
     sys.path.insert(0, os.getcwd())  # train.py (the script's own folder is sys.path[0])
     sys.argv = ["train.py"] + sys.argv[1:]
     import train
     sys.exit(train.main())
 """
+GATED_TRAIN = GATE_PATCH + RUN_TRAIN
 
 
 def gate_environment(gate_dir: Path, step: int, until_signalled: bool = False) -> dict:

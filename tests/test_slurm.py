@@ -10,7 +10,7 @@ import time
 import pytest
 
 from ifc_ds.checkpoint import find_checkpoint
-from tests._launch import REPO, TINY, at_gate, gate_environment, gate_site, run_ranks
+from tests._launch import REPO, TINY, at_gate, gate_environment, gate_site, open_gate, run_ranks
 from tests.test_train import assert_same_state
 
 pytestmark = pytest.mark.slurm
@@ -96,7 +96,7 @@ def test_usr1_checkpoints_requeues_and_matches_uninterrupted(slurm, tmp_path):
             job_log("ifc_ds-pretrain", job)
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
-    (tmp_path / "gate").touch()  # (each rank goes on once the signal has come through slurmctld and slurmd)
+    open_gate(tmp_path)  # (each rank goes on once the signal has come through slurmctld and slurmd)
     assert wait_job(slurm, job, timeout=600) == "COMPLETED", job_log("ifc_ds-pretrain", job)
     log = job_log("ifc_ds-pretrain", job)
     assert "requeueing" in log and "restart 1" in log, log

@@ -17,7 +17,7 @@ from ifc_ds.checkpoint import CheckpointError, check_compatible, find_checkpoint
 from ifc_ds.config import load_config
 from ifc_ds.engine import warmup_cosine
 from ifc_ds.lifecycle import EXIT_FAILED, EXIT_NONFINITE, EXIT_PEER_LOST, EXIT_PREEMPTED
-from tests._launch import REPO, TINY, logs, open_gate, run_ranks, start_ranks, wait_at_gate, wait_ranks
+from tests._launch import REPO, RUN_TRAIN, TINY, logs, open_gate, run_ranks, start_ranks, wait_at_gate, wait_ranks
 
 
 def rows(ckpt: Path) -> dict:
@@ -383,12 +383,7 @@ else:
     engine.train_step = step
     import ifc_ds.trainer
     ifc_ds.trainer.train_step = step
-if __name__ == "__main__":
-    sys.path.insert(0, os.getcwd())  # train.py (the script's own folder is sys.path[0])
-    sys.argv = ["train.py"] + sys.argv[1:]
-    import train
-    sys.exit(train.main())
-"""
+""" + RUN_TRAIN
 
 
 @pytest.mark.parametrize("failure", ["worker", "hang", "step"])
