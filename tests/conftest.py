@@ -27,15 +27,13 @@ def cifar10_dir():
 def no_shared_memory_left_behind():
     """Every test leaves /dev/shm as it found it: a workspace of DeepSpeed's shared-memory all-reduce or
     a decoded dataset left there is RAM lost until reboot (DeepSpeed's own leak filled 21 GB of a
-    24 GB machine over a few suite runs, and the next run thrashed until CI gave up)."""
-    import glob
+    24 GB machine over a few suite runs, and the next run thrashed until CI gave up). Files that another
+    run on the machine holds are not the test's (``tests/_shm.py``)."""
+    from tests._shm import leaked_since, shared_memory_files
 
-    def ours():
-        return set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*") + glob.glob("/dev/shm/ifc_ds-*"))
-
-    before = ours()
+    before = shared_memory_files()
     yield
-    leaked = ours() - before
+    leaked = leaked_since(before)
     for path in leaked:
         os.unlink(path)
     assert not leaked, f"left in /dev/shm: {sorted(leaked)}"
