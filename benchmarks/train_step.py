@@ -5,6 +5,8 @@
   inputs, on a batch already in memory (no DeepSpeed, no classifier);
 * encoder alone, the slower rank of each step: the same times, the larger of the ranks' per step:
   a synchronised step waits for the slower rank, so no data-parallel step of these processes can beat it;
+* encoder alone, the trainer's weight layout: the same with the weights as ``build_engines`` lays them out
+  (``ifc_ds.model.to_channels_last``: plain for 3x3 kernels on 1x1 maps), the like-for-like baseline;
 * backbone engine only: the same through the DeepSpeed engine (gradient all-reduce included) with a
   trivial loss;
 * with classifier: the trainer's step (``ifc_ds.engine.train_step`` + ``optimizer_step``) on batches
@@ -52,7 +54,7 @@ from ifc_ds.classifier import ShardedInstanceClassifier  # noqa: E402
 from ifc_ds.config import load_config  # noqa: E402
 from ifc_ds.dist import free_port, init_distributed  # noqa: E402
 from ifc_ds.engine import backbone_only_step, build_engines, optimizer_step, train_step  # noqa: E402
-from ifc_ds.model import InstanceEncoder  # noqa: E402
+from ifc_ds.model import InstanceEncoder, to_channels_last  # noqa: E402
 
 
 class PhaseClock:
@@ -134,22 +136,27 @@ def _worker(rank, world, port, args, out):
     gen = torch.Generator().manual_seed(rank)
     images = torch.randn(args.batch, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
 
-    alone = InstanceEncoder(cfg.model, 32).to(memory_format=torch.channels_last)
-    alone_opt = torch.optim.SGD(alone.parameters(), lr=0.01, momentum=0.9)
-
     clock = PhaseClock()
 
-    def encoder_alone():
-        t0 = time.perf_counter()
-        loss = alone(images).square().mean()
-        t1 = time.perf_counter()
-        alone_opt.zero_grad()
-        loss.backward()
-        t2 = time.perf_counter()
-        alone_opt.step()
-        clock.add(BB_FWD, t1 - t0)
-        clock.add(BB_BWD, t2 - t1)
-        clock.add(BB_STEP, time.perf_counter() - t2)
+    def encoder_alone_step(encoder: InstanceEncoder):
+        optimizer = torch.optim.SGD(encoder.parameters(), lr=0.01, momentum=0.9)
+
+        def step():
+            t0 = time.perf_counter()
+            loss = encoder(images).square().mean()
+            t1 = time.perf_counter()
+            optimizer.zero_grad()
+            loss.backward()
+            t2 = time.perf_counter()
+            optimizer.step()
+            clock.add(BB_FWD, t1 - t0)
+            clock.add(BB_BWD, t2 - t1)
+            clock.add(BB_STEP, time.perf_counter() - t2)
+        return step
+
+    encoder_alone = encoder_alone_step(InstanceEncoder(cfg.model, 32).to(memory_format=torch.channels_last))
+    trainers_layout = InstanceEncoder(cfg.model, 32)
+    to_channels_last(trainers_layout, 32)  # as build_engines lays the backbone out
 
     classifier = ShardedInstanceClassifier(args.instances, cfg.model.dim, 0.1, chunk_size=args.chunk)
     engines = build_engines(cfg, InstanceEncoder(cfg.model, 32), classifier, steps_per_epoch=100, world_size=world)
@@ -163,7 +170,8 @@ def _worker(rank, world, port, args, out):
     def backbone_only():
         backbone_only_step(engines, images)
 
-    steps = [("encoder alone", encoder_alone), ("backbone engine only", backbone_only),
+    steps = [("encoder alone", encoder_alone), (LAYOUT_ROW, encoder_alone_step(trainers_layout)),
+             ("backbone engine only", backbone_only),
              ("with classifier", with_classifier)]
     if args.smoothing_k:  # what hard-label smoothing adds: the top-K search and its sparse targets
         steps.append((f"with classifier, smoothing K={args.smoothing_k} eps={args.smoothing_eps}",
@@ -210,6 +218,7 @@ def _worker(rank, world, port, args, out):
 
 FED_ROW = "with classifier + data path (CIFAR-10 in memory, device views)"
 SLOWER_ROW = "encoder alone, the slower rank of each step"
+LAYOUT_ROW = "encoder alone, the trainer's weight layout (plain for 3x3 kernels on 1x1 maps)"
 GLOO_ROW = "with classifier + data path, gradients averaged through gloo's all-reduce"
 DEEPSPEED_ROW = "with classifier + data path, gradients averaged through DeepSpeed's shared-memory all-reduce"
 
@@ -365,7 +374,8 @@ def main():
         for name, row, target in (("the trainer step on batches in memory", "with classifier", ">= 0.95"),
                                   ("the encoder step alone, channels-last weights (rank 0)", "encoder alone",
                                    ">= 0.85"),
-                                  ("the encoder step alone on the slower rank of each step", SLOWER_ROW, "")):
+                                  ("the encoder step alone on the slower rank of each step", SLOWER_ROW, ""),
+                                  ("the encoder step alone, the trainer's weight layout (rank 0)", LAYOUT_ROW, "")):
             print(f"| {name} | {statistics.median(results[row]) / fed_median:.3f} | "
                   f"{_per_round(results[row], fed):.3f} | {target} |")
         # the ratio above divides by rank 0's encoder alone; where one core is slower than the other, the
@@ -410,19 +420,24 @@ def _print_averages(phases: list[dict], trainers: str) -> None:
 
 
 def _print_phases(phases: list[dict]) -> None:
-    """The fed step and the encoder alone, phase by phase, on every rank (wall clock, same run)."""
+    """The fed step against the encoder alone and against the same step on batches in memory, phase by
+    phase, on every rank (wall clock, same run)."""
     alone = [_phase_medians(rank["encoder alone"]) for rank in phases]
+    in_memory = [_phase_medians(rank["with classifier"]) for rank in phases]
     fed = [_phase_medians(rank[FED_ROW]) for rank in phases]
     ranks = range(len(phases))
     print("\nwall ms per phase, median over the timed steps, per rank (the fed step is the row above):\n")
     print("| phase | " + " | ".join(f"encoder alone, rank {r}" for r in ranks) + " | "
-          + " | ".join(f"fed step, rank {r}" for r in ranks) + " | fed - alone, mean of ranks |")
-    print("|---|" + "---|" * (2 * len(phases) + 1))
+          + " | ".join(f"in memory, rank {r}" for r in ranks) + " | "
+          + " | ".join(f"fed step, rank {r}" for r in ranks) + " | fed - alone, mean of ranks | "
+          "fed - in memory, mean of ranks |")
+    print("|---|" + "---|" * (3 * len(phases) + 2))
     for phase in PHASES:
-        diff = statistics.mean(f[phase] - a[phase] for a, f in zip(alone, fed))
+        from_alone = statistics.mean(f[phase] - a[phase] for a, f in zip(alone, fed))
+        from_memory = statistics.mean(f[phase] - m[phase] for m, f in zip(in_memory, fed))
         print(f"| {phase} | " + " | ".join(f"{a[phase]:.1f}" for a in alone) + " | "
-              + " | ".join(f"{f[phase]:.1f}" for f in fed) + f" | {diff:+.1f} |")
-
+              + " | ".join(f"{m[phase]:.1f}" for m in in_memory) + " | "
+              + " | ".join(f"{f[phase]:.1f}" for f in fed) + f" | {from_alone:+.1f} | {from_memory:+.1f} |")
 
 if __name__ == "__main__":
     main()

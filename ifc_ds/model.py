@@ -128,8 +128,10 @@ class InstanceEncoder(nn.Module):
         super().__init__()
         self.backbone = create_backbone(cfg, image_size)
         self.head = ProjectionHead(self.backbone.num_features, cfg.head_hidden, cfg.dim)
+        self.image_size = image_size
         # The inputs go channels-last here; the weights too once the engine is built, where the ZeRO
-        # stage allows it (ifc_ds.engine): DeepSpeed's broadcast and ZeRO's flat buffers need them plain.
+        # stage allows it (ifc_ds.engine, by to_channels_last below): DeepSpeed's broadcast and ZeRO's
+        # flat buffers need them plain.
         self.channels_last = cfg.channels_last
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
@@ -140,3 +142,42 @@ class InstanceEncoder(nn.Module):
 
     def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(self._prepare(images))
+
+
+def to_channels_last(module: nn.Module, image_size: int | None) -> None:
+    """In place: ``module``'s 4-d weights channels-last, as its inputs are (``InstanceEncoder._prepare``),
+    except, on CPU, the weights of k x k convolutions (k > 1) whose input maps are 1x1 at ``image_size``
+    (ResNet-18's and ResNet-50's last 3x3 convolutions at 32 px), which stay plain. oneDNN's backward is
+    slow there with a channels-last weight: a 3x3 512-channel convolution on 1x1 maps took 0.52-0.54x
+    the time with a plain weight (forward + backward, 1 thread), while on larger maps, and for 1x1
+    kernels, the two layouts were within 5% and channels-last mostly ahead (``benchmarks/weight_layout.py``).
+    Parameters keep their objects (``.data`` is swapped), so an optimizer built on them still holds them."""
+    module.to(memory_format=torch.channels_last)
+    first = next(module.parameters(), None)
+    if first is None or first.device.type != "cpu" or not image_size:
+        return
+    for conv in wide_kernels_on_single_pixels(module, image_size):
+        conv.weight.data = conv.weight.data.contiguous()
+
+
+def wide_kernels_on_single_pixels(module: nn.Module, image_size: int) -> list[nn.Conv2d]:
+    """The ``nn.Conv2d`` of ``module`` with a kernel wider than 1x1 whose input maps are 1x1 when it sees
+    ``image_size`` images, found by one forward of a single blank image in eval mode (batch norm's
+    running statistics untouched)."""
+    found = []
+
+    def record(conv, inputs, _output):
+        if inputs[0].shape[-2:].numel() == 1 and conv.weight.shape[-2:].numel() > 1:
+            found.append(conv)
+
+    hooks = [m.register_forward_hook(record) for m in module.modules() if isinstance(m, nn.Conv2d)]
+    was_training = module.training
+    try:
+        module.eval()
+        with torch.no_grad():
+            module(torch.zeros(1, 3, image_size, image_size, device=next(module.parameters()).device))
+    finally:
+        module.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return found

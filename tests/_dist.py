@@ -15,6 +15,7 @@ import tempfile
 import time
 import traceback
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -101,3 +102,15 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 600) -> None:
                 if process.is_alive():
                     process.kill()
                 process.join(timeout=10)
+
+
+def _accelerator_has_fp16() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
+# DeepSpeed's CPU accelerator has fp16 only where oneDNN has fp16 kernels (AVX512-FP16 or AMX-FP16): some
+# of the machines these tests run on have them, others do not (there ifc_ds refuses fp16 in one line)
+needs_fp16 = pytest.mark.skipif(not _accelerator_has_fp16(),
+                                reason="DeepSpeed's accelerator has no fp16 on this machine")

@@ -11,7 +11,7 @@ from ifc_ds.classifier import ShardedInstanceClassifier
 from ifc_ds.config import load_config
 from ifc_ds.engine import build_engines, optimizer_step, train_step, warmup_cosine
 from ifc_ds.model import InstanceEncoder
-from tests._dist import run_ranks
+from tests._dist import needs_fp16, run_ranks
 
 N = 33  # odd: the shards differ in size, so an all-reduce over the classifier grads could not even run
 
@@ -62,7 +62,14 @@ def _offload(rank, world_size):
 
 
 def _zero0(rank, world_size):
-    _two_engines(rank, world_size, "ds_configs/zero0_fp32.json")
+    engines = _two_engines(rank, world_size, "ds_configs/zero0_fp32.json")
+    # the trainer's layout: every conv weight channels-last but the 3x3 ones on 1x1 maps, test_resnet's
+    # layer4 at 16 px (8 px after the stem and its pooling, then halved by layer2, layer3 and layer4.0.conv1)
+    for name, p in engines.backbone.module.named_parameters():
+        if p.dim() == 4:
+            plain = name in ("backbone.layer4.0.conv1.weight", "backbone.layer4.0.conv2.weight")
+            layout = torch.contiguous_format if plain else torch.channels_last
+            assert p.stride() == torch.empty(p.shape, memory_format=layout).stride(), name
 
 
 def _classifier_clip(rank, world_size):
@@ -592,6 +599,7 @@ def _skipped_steps_keep_the_schedule(rank, world_size, ds_config, skipping):
         assert engines.classifier.get_lr()[0] == pytest.approx(expected * 10, rel=1e-12), step
 
 
+@needs_fp16
 def test_steps_deepspeed_skips_still_advance_the_backbone_schedule(tmp_path):
     """An fp16 step whose gradients overflow is skipped by DeepSpeed, which then leaves it out of the
     backbone's LR schedule; the classifier stepped, and a resume puts both schedules at the run's step:
@@ -602,7 +610,69 @@ def test_steps_deepspeed_skips_still_advance_the_backbone_schedule(tmp_path):
     run_ranks(_skipped_steps_keep_the_schedule, 1, str(ds_config), "backbone")
 
 
+def _refuses_a_precision_the_accelerator_lacks(rank, world_size, ds_config):
+    from deepspeed.accelerator import get_accelerator
+
+    from ifc_ds.config import ConfigError
+
+    get_accelerator().is_fp16_supported = lambda: False  # (this rank's process only)
+    with pytest.raises(ConfigError, match=r"^ds_config fp16: DeepSpeed's cpu accelerator does not support it on "
+                                          r"this machine \(it supports float32, bfloat16\); use another ds_config$"):
+        _build(rank, world_size, ds_config)
+
+
+def test_a_precision_the_accelerator_lacks_is_a_config_error():
+    """fp16 where DeepSpeed's accelerator has none (a CPU without oneDNN's fp16 kernels) is one line, not
+    the ValueError DeepSpeed raises from inside deepspeed.initialize."""
+    run_ranks(_refuses_a_precision_the_accelerator_lacks, 1, "ds_configs/zero1_fp16.json")
+
+
 def test_steps_deepspeed_skips_still_advance_the_classifier_schedule():
     """The same for the fp32 classifier engine under ZeRO-1, which skips a step whose gradient norm is not
     finite (made so here): its schedule must count the step the backbone took."""
     run_ranks(_skipped_steps_keep_the_schedule, 1, "ds_configs/zero1_fp32.json", "classifier")
+
+
+def test_channels_last_weights_but_plain_for_wide_kernels_on_single_pixels():
+    """ifc_ds.model.to_channels_last: on CPU a k x k (k > 1) convolution whose input maps are 1x1 keeps a
+    plain weight (oneDNN's backward is about 2x slower there with a channels-last one); every other
+    4-d weight goes channels-last. The probe forward leaves batch norm's statistics and the training
+    mode alone, the parameters stay the same objects, and the math is that of all weights channels-last."""
+    from ifc_ds.config import ModelConfig
+    from ifc_ds.model import to_channels_last, wide_kernels_on_single_pixels
+
+    def names(model, size):
+        found = wide_kernels_on_single_pixels(model, size)
+        return [n for n, m in model.named_modules() if m in found]
+
+    # ResNet-18 at 32 px: the stem and its pooling leave 8x8, layer2-4 halve it: layer4 runs on 1x1 maps,
+    # after layer4.0.conv1 (stride 2 on 2x2). ResNet-50's 1x1 kernels there are not wide
+    resnet18 = InstanceEncoder(ModelConfig(name="resnet18", head_hidden=32, dim=16), 32)
+    assert names(resnet18, 32) == ["backbone.layer4.0.conv2", "backbone.layer4.1.conv1", "backbone.layer4.1.conv2"]
+    assert names(resnet18, 64) == []
+    resnet50 = InstanceEncoder(ModelConfig(name="resnet50", head_hidden=32, dim=16), 32)
+    assert names(resnet50, 32) == ["backbone.layer4.1.conv2", "backbone.layer4.2.conv2"]
+
+    torch.manual_seed(0)
+    reference = InstanceEncoder(ModelConfig(name="resnet18", head_hidden=32, dim=16), 32)
+    model = InstanceEncoder(ModelConfig(name="resnet18", head_hidden=32, dim=16), 32)
+    model.load_state_dict(reference.state_dict())
+    reference.to(memory_format=torch.channels_last)
+    params = dict(model.named_parameters())
+    statistics = {n: b.clone() for n, b in model.named_buffers()}
+    to_channels_last(model, 32)
+    assert model.training and dict(model.named_parameters()) == params  # the same objects
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, statistics[name]), name
+    plain = {f"{n}.weight" for n in names(model, 32)}
+    for name, p in model.named_parameters():
+        if p.dim() == 4:
+            layout = torch.contiguous_format if name in plain else torch.channels_last
+            assert p.stride() == torch.empty(p.shape, memory_format=layout).stride(), name
+
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for encoder in (model, reference):
+        encoder(images).square().sum().backward()
+    torch.testing.assert_close(model(images), reference(images), rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -48,6 +48,7 @@ from ifc_ds.engine import shared_memory
 from ifc_ds.engine.fused_sgd import DenseFusedSGD, _dense
 from ifc_ds.engine.node_buffers import NodeBuffers
 from ifc_ds.engine.shared_step import SharedSGDStep
+from ifc_ds.model import to_channels_last
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # (this file is ifc_ds/engine/__init__.py)
 log = logging.getLogger(__name__)
@@ -303,6 +304,7 @@ def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_
         raise ConfigError(f"ds_config elastic_checkpoint=true with train.optimizer={cfg.train.optimizer}: DeepSpeed "
                           "cannot load that layout without a step count in the optimizer state, which only adamw "
                           "keeps; drop elastic_checkpoint (ifc_ds re-partitions ZeRO state across world sizes itself)")
+    _check_the_accelerator_has(ds_cfg)
     global_batch = ds_cfg["train_batch_size"]
     lr = cfg.train.lr * global_batch / 256  # linear scaling rule
     # mutable (Engines.set_total_steps): a resume on another global batch re-plans the remaining steps
@@ -340,9 +342,8 @@ def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_
     flat_grads = None
     if _plain_zero0(bb_engine):
         if cfg.model.channels_last:
-            # after deepspeed.initialize: its parameter broadcast needs the plain layout. .to() swaps each
-            # parameter's data in place, so the optimizer keeps its references
-            bb_engine.module.to(memory_format=torch.channels_last)
+            # after deepspeed.initialize: its parameter broadcast needs the plain layout
+            to_channels_last(bb_engine.module, getattr(bb_engine.module, "image_size", cfg.data.image_size))
         # DeepSpeed's step scales the gradients in place to clip them, or to unscale them (a torch-autocast
         # gradient scaler: fp16 autocast, which backbone_ds_config refuses today)
         writes = bb_engine.gradient_clipping() > 0 or getattr(bb_engine, "torch_autocast_z0_gradscaler", None)
@@ -354,6 +355,22 @@ def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_
     return Engines(backbone=bb_engine, classifier=clf_engine, base_lr=lr, schedule=plan,
                    accumulation_steps=ds_cfg["gradient_accumulation_steps"],
                    classifier_lr_scale=cfg.train.classifier_lr_scale, flat_grads=flat_grads)
+
+
+def _check_the_accelerator_has(ds_cfg: dict) -> None:
+    """The ds_config's precision, refused in one line where DeepSpeed's accelerator lacks it; its engine
+    would raise a ValueError from inside ``deepspeed.initialize``. On CPU, fp16 needs oneDNN's fp16
+    kernels (AVX512-FP16 or AMX-FP16): an AMD EPYC 2-core VM here has neither, another has them."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    checks = (("fp16", accelerator.is_fp16_supported), ("bf16", accelerator.is_bf16_supported),
+              ("bfloat16", accelerator.is_bf16_supported))
+    for section, supported in checks:
+        if ds_cfg.get(section, {}).get("enabled") and not supported():
+            names = ", ".join(str(t).removeprefix("torch.") for t in accelerator.supported_dtypes())
+            raise ConfigError(f"ds_config {section}: DeepSpeed's {accelerator.device_name()} accelerator does not "
+                              f"support it on this machine (it supports {names}); use another ds_config")
 
 
 def _plain_zero0(engine) -> bool:
