@@ -148,9 +148,10 @@ def to_channels_last(module: nn.Module, image_size: int | None) -> None:
     """In place: ``module``'s 4-d weights channels-last, as its inputs are (``InstanceEncoder._prepare``),
     except, on CPU, the weights of k x k convolutions (k > 1) whose input maps are 1x1 at ``image_size``
     (ResNet-18's and ResNet-50's last 3x3 convolutions at 32 px), which stay plain. oneDNN's backward is
-    slow there with a channels-last weight: a 3x3 512-channel convolution on 1x1 maps took 0.52-0.54x
+    slow there with a channels-last weight: a 3x3 512-channel convolution on 1x1 maps took 0.43-0.54x
     the time with a plain weight (forward + backward, 1 thread), while on larger maps, and for 1x1
-    kernels, the two layouts were within 5% and channels-last mostly ahead (``benchmarks/weight_layout.py``).
+    kernels, plain / channels-last came out at 0.88-1.05 with no consistent direction
+    (``benchmarks/weight_layout.py``).
     Parameters keep their objects (``.data`` is swapped), so an optimizer built on them still holds them."""
     module.to(memory_format=torch.channels_last)
     first = next(module.parameters(), None)
