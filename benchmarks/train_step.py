@@ -6,7 +6,7 @@
 * encoder alone, the slower rank of each step: the same times, the larger of the ranks' per step:
   a synchronised step waits for the slower rank, so no data-parallel step of these processes can beat it;
 * encoder alone, the trainer's weight layout: the same with the weights as ``build_engines`` lays them out
-  (``ifc_ds.model.to_channels_last``: plain for 3x3 kernels on 1x1 maps), the like-for-like baseline;
+  (``ifc_ds.model.to_channels_last``: plain for k x k kernels on 1x1 maps), the like-for-like baseline;
 * backbone engine only: the same through the DeepSpeed engine (gradient all-reduce included) with a
   trivial loss;
 * with classifier: the trainer's step (``ifc_ds.engine.train_step`` + ``optimizer_step``) on batches
@@ -218,7 +218,7 @@ def _worker(rank, world, port, args, out):
 
 FED_ROW = "with classifier + data path (CIFAR-10 in memory, device views)"
 SLOWER_ROW = "encoder alone, the slower rank of each step"
-LAYOUT_ROW = "encoder alone, the trainer's weight layout (plain for 3x3 kernels on 1x1 maps)"
+LAYOUT_ROW = "encoder alone, the trainer's weight layout (plain for k x k kernels on 1x1 maps)"
 GLOO_ROW = "with classifier + data path, gradients averaged through gloo's all-reduce"
 DEEPSPEED_ROW = "with classifier + data path, gradients averaged through DeepSpeed's shared-memory all-reduce"
 

@@ -146,12 +146,13 @@ class InstanceEncoder(nn.Module):
 
 def to_channels_last(module: nn.Module, image_size: int | None) -> None:
     """In place: ``module``'s 4-d weights channels-last, as its inputs are (``InstanceEncoder._prepare``),
-    except, on CPU, the weights of k x k convolutions (k > 1) whose input maps are 1x1 at ``image_size``
+    except, on CPU, the weights of dense k x k convolutions (k > 1) whose input maps are 1x1 at ``image_size``
     (ResNet-18's and ResNet-50's last 3x3 convolutions at 32 px), which stay plain. oneDNN's backward is
     slow there with a channels-last weight: a 3x3 512-channel convolution on 1x1 maps took 0.43-0.54x
     the time with a plain weight (forward + backward, 1 thread), while on larger maps, and for 1x1
     kernels, plain / channels-last came out at 0.88-1.05 with no consistent direction
-    (``benchmarks/weight_layout.py``).
+    (``benchmarks/weight_layout.py``). Grouped (depthwise) and non-square kernels were not measured and
+    stay channels-last.
     Parameters keep their objects (``.data`` is swapped), so an optimizer built on them still holds them."""
     module.to(memory_format=torch.channels_last)
     first = next(module.parameters(), None)
@@ -162,23 +163,25 @@ def to_channels_last(module: nn.Module, image_size: int | None) -> None:
 
 
 def wide_kernels_on_single_pixels(module: nn.Module, image_size: int) -> list[nn.Conv2d]:
-    """The ``nn.Conv2d`` of ``module`` with a kernel wider than 1x1 whose input maps are 1x1 when it sees
-    ``image_size`` images, found by one forward of a single blank image in eval mode (batch norm's
-    running statistics untouched)."""
+    """The dense (ungrouped) ``nn.Conv2d`` of ``module`` with a k x k kernel, k > 1, whose input maps are
+    1x1 when it sees ``image_size`` images, found by one forward of a single blank image in eval mode
+    (batch norm's running statistics untouched; every submodule's mode restored after)."""
     found = []
 
     def record(conv, inputs, _output):
-        if inputs[0].shape[-2:].numel() == 1 and conv.weight.shape[-2:].numel() > 1:
+        kernel_h, kernel_w = conv.kernel_size
+        if inputs[0].shape[-2:].numel() == 1 and kernel_h == kernel_w > 1 and conv.groups == 1:
             found.append(conv)
 
     hooks = [m.register_forward_hook(record) for m in module.modules() if isinstance(m, nn.Conv2d)]
-    was_training = module.training
+    modes = [(m, m.training) for m in module.modules()]
     try:
         module.eval()
         with torch.no_grad():
             module(torch.zeros(1, 3, image_size, image_size, device=next(module.parameters()).device))
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
         for hook in hooks:
             hook.remove()
     return found

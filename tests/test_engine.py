@@ -64,7 +64,7 @@ def _offload(rank, world_size):
 def _zero0(rank, world_size):
     engines = _two_engines(rank, world_size, "ds_configs/zero0_fp32.json")
     # the trainer's layout: every conv weight channels-last but the 3x3 ones on 1x1 maps, test_resnet's
-    # layer4 at 16 px (8 px after the stem and its pooling, then halved by layer2, layer3 and layer4.0.conv1)
+    # layer4 at 16 px (4x4 after the stem and its pooling, halved by layer2 and layer3 to 1x1)
     for name, p in engines.backbone.module.named_parameters():
         if p.dim() == 4:
             plain = name in ("backbone.layer4.0.conv1.weight", "backbone.layer4.0.conv2.weight")
@@ -660,8 +660,11 @@ def test_channels_last_weights_but_plain_for_wide_kernels_on_single_pixels():
     reference.to(memory_format=torch.channels_last)
     params = dict(model.named_parameters())
     statistics = {n: b.clone() for n, b in model.named_buffers()}
+    model.head.eval()  # a submodule's own mode survives the probe too
     to_channels_last(model, 32)
-    assert model.training and dict(model.named_parameters()) == params  # the same objects
+    assert model.training and not model.head.training and model.backbone.layer1.training
+    assert dict(model.named_parameters()) == params  # the same objects
+    model.head.train()
     for name, buffer in model.named_buffers():
         assert torch.equal(buffer, statistics[name]), name
     plain = {f"{n}.weight" for n in names(model, 32)}

@@ -343,7 +343,7 @@ def build_engines(cfg: Config, encoder: nn.Module, classifier: nn.Module, steps_
     if _plain_zero0(bb_engine):
         if cfg.model.channels_last:
             # after deepspeed.initialize: its parameter broadcast needs the plain layout
-            to_channels_last(bb_engine.module, getattr(bb_engine.module, "image_size", cfg.data.image_size))
+            to_channels_last(bb_engine.module, getattr(bb_engine.module, "image_size", None) or cfg.data.image_size)
         # DeepSpeed's step scales the gradients in place to clip them, or to unscale them (a torch-autocast
         # gradient scaler: fp16 autocast, which backbone_ds_config refuses today)
         writes = bb_engine.gradient_clipping() > 0 or getattr(bb_engine, "torch_autocast_z0_gradscaler", None)
