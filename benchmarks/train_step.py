@@ -439,5 +439,6 @@ def _print_phases(phases: list[dict]) -> None:
               + " | ".join(f"{m[phase]:.1f}" for m in in_memory) + " | "
               + " | ".join(f"{f[phase]:.1f}" for f in fed) + f" | {from_alone:+.1f} | {from_memory:+.1f} |")
 
+
 if __name__ == "__main__":
     main()

@@ -27,7 +27,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ifc_ds.config import load_config  # noqa: E402
-from ifc_ds.model import InstanceEncoder, to_channels_last, wide_kernels_on_single_pixels  # noqa: E402
+from ifc_ds.model import (  # noqa: E402
+    InstanceEncoder,
+    convolution_inputs,
+    to_channels_last,
+    wide_kernels_on_single_pixels,
+)
 
 
 def _interleaved(steps: dict, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
@@ -42,19 +47,6 @@ def _interleaved(steps: dict, rounds: int, warmup: int = 2) -> dict[str, list[fl
             step()
             times[name].append(time.perf_counter() - t0)
     return times
-
-
-def _input_shapes(model: nn.Module, size: int) -> dict[str, tuple[nn.Conv2d, tuple[int, ...]]]:
-    """Each convolution's input shape [C, H, W] for ``size`` px images."""
-    shapes = {}
-    hooks = [m.register_forward_hook(lambda m, inp, out, name=name: shapes.__setitem__(name, (m, inp[0].shape[1:])))
-             for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros(1, 3, size, size))
-    for hook in hooks:
-        hook.remove()
-    return shapes
 
 
 def _convolution_step(conv: nn.Conv2d, shape, batch: int, weight_format, input_grad: bool):
@@ -99,7 +91,7 @@ def main():
           "plain weight (ms) | plain / channels-last | the trainer's layout |")
     print("|---|---|---|---|---|---|---|")
     groups: dict[tuple, list] = {}
-    for name, (conv, shape) in _input_shapes(encoder, args.size).items():
+    for name, conv, shape in convolution_inputs(encoder, args.size):
         key = (tuple(shape), conv.out_channels, conv.kernel_size, conv.stride, conv.groups)
         groups.setdefault(key, []).append((name, conv))
     totals = {"channels-last": 0.0, "plain": 0.0}
@@ -120,8 +112,8 @@ def main():
           f"{totals['plain'] / totals['channels-last']:.3f} | |")
 
     images = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
-    every = copy.deepcopy(encoder).train().to(memory_format=torch.channels_last)
-    trainers = copy.deepcopy(encoder).train()
+    every = copy.deepcopy(encoder).to(memory_format=torch.channels_last)
+    trainers = copy.deepcopy(encoder)
     to_channels_last(trainers, args.size)
     times = _interleaved({"every weight channels-last": _encoder_step(every, images),
                           "the trainer's layout": _encoder_step(trainers, images)}, args.rounds)

@@ -164,16 +164,18 @@ def to_channels_last(module: nn.Module, image_size: int | None) -> None:
 
 def wide_kernels_on_single_pixels(module: nn.Module, image_size: int) -> list[nn.Conv2d]:
     """The dense (ungrouped) ``nn.Conv2d`` of ``module`` with a k x k kernel, k > 1, whose input maps are
-    1x1 when it sees ``image_size`` images, found by one forward of a single blank image in eval mode
+    1x1 when it sees ``image_size`` images."""
+    return [conv for _, conv, (_, height, width) in convolution_inputs(module, image_size)
+            if height * width == 1 and conv.kernel_size[0] == conv.kernel_size[1] > 1 and conv.groups == 1]
+
+
+def convolution_inputs(module: nn.Module, image_size: int) -> list[tuple[str, nn.Conv2d, tuple[int, int, int]]]:
+    """(name, convolution, its input's [C, H, W]) for every ``nn.Conv2d`` of ``module`` that runs on
+    ``image_size`` images, in the order they run: one forward of a single blank image in eval mode
     (batch norm's running statistics untouched; every submodule's mode restored after)."""
     found = []
-
-    def record(conv, inputs, _output):
-        kernel_h, kernel_w = conv.kernel_size
-        if inputs[0].shape[-2:].numel() == 1 and kernel_h == kernel_w > 1 and conv.groups == 1:
-            found.append(conv)
-
-    hooks = [m.register_forward_hook(record) for m in module.modules() if isinstance(m, nn.Conv2d)]
+    hooks = [m.register_forward_hook(lambda conv, inputs, _out, name=name: found.append(
+        (name, conv, tuple(inputs[0].shape[1:])))) for name, m in module.named_modules() if isinstance(m, nn.Conv2d)]
     modes = [(m, m.training) for m in module.modules()]
     try:
         module.eval()

@@ -25,9 +25,9 @@ def shared_memory_files() -> set[str]:
     return mine
 
 
-def _holds(pid: int, files: dict[tuple[int, int], str]) -> set[str]:
-    """Those of ``files`` (keyed by (device, inode)) that process ``pid`` has open or mapped. Each fd is
-    read on its own: a process that closes one meanwhile still counts for the others."""
+def _holds(pid: int, files: dict[tuple[int, int], str], paths: set[str]) -> set[str]:
+    """Those of ``files`` (keyed by (device, inode); ``paths``, their values) that process ``pid`` has open
+    or mapped. Each fd is read on its own: a process that closes one meanwhile still counts for the others."""
     held = set()
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
@@ -40,7 +40,6 @@ def _holds(pid: int, files: dict[tuple[int, int], str]) -> set[str]:
             continue
         if (st.st_dev, st.st_ino) in files:
             held.add(files[st.st_dev, st.st_ino])
-    paths = set(files.values())
     try:
         with open(f"/proc/{pid}/maps") as f:  # "address perms offset dev inode path", the path may hold spaces
             held |= {line.split(maxsplit=5)[-1].rstrip("\n") for line in f if "/dev/shm/" in line} & paths
@@ -58,6 +57,7 @@ def held_elsewhere(paths: set[str]) -> set[str]:
             files[st.st_dev, st.st_ino] = path
         except FileNotFoundError:
             pass
+    paths = set(files.values())
     me, parent_of, holders = os.getpid(), {}, {}
     for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
         try:
@@ -65,7 +65,7 @@ def held_elsewhere(paths: set[str]) -> set[str]:
                 parent_of[pid] = int(f.read().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):  # it exited meanwhile
             continue
-        held = _holds(pid, files)
+        held = _holds(pid, files, paths)
         if held:
             holders[pid] = held
 
