@@ -35,7 +35,7 @@ from ifc_ds.data import (
 from ifc_ds.dist import device, init_distributed, is_main
 from ifc_ds.features import extract_features
 from ifc_ds.knn import knn_predict, topk_accuracy
-from ifc_ds.lifecycle import bad_input_exits
+from ifc_ds.lifecycle import bad_input_exits, finish
 from ifc_ds.model import InstanceEncoder, data_config, read_export
 from ifc_eval.export import load_run_encoder
 
@@ -344,7 +344,7 @@ def main(argv=None) -> int:
     if is_main():
         write_report(results, cfg.output_dir)
         print((Path(cfg.output_dir) / "results.md").read_text())
-    return 0
+    return finish(0)  # a rank that leaves while a peer still uses the group makes gloo abort the peer
 
 
 if __name__ == "__main__":

@@ -352,3 +352,18 @@ def test_the_commands_answer_bad_input_in_one_line_and_exit_2(tmp_path, command,
     assert message.format(tmp=tmp_path) in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "features").exists()  # nothing evaluated
+
+
+def test_the_suite_tears_its_process_group_down(tmp_path):
+    """ifc-eval ends as train.py does (lifecycle.finish: a barrier, then the group destroyed). It used to
+    return with the group up: under srun a rank that left first made gloo abort its peer ("terminate
+    called without an active exception"), and the SLURM eval job failed after its results were written."""
+    script = ("import sys, torch.distributed as dist\nfrom ifc_eval.suite import main\n"
+              "code = main(sys.argv[1:])\nprint('group left up' if dist.is_initialized() else 'group torn down')\n"
+              "sys.exit(code)\n")
+    proc = subprocess.run([sys.executable, "-c", script, "--checkpoint", "random", "model.name=test_resnet",
+                           "image_size=16", "datasets.d.train=sklearn:digits:limit=60",
+                           "datasets.d.test=sklearn:digits:start=1700", "protocols=[knn]", f"output_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("group torn down"), proc.stdout[-500:]
