@@ -36,6 +36,7 @@ from ifc_ds.config import AugmentConfig, ModelConfig  # noqa: E402
 from ifc_ds.crops import crop_resize, decode_image  # noqa: E402
 from ifc_ds.data import load_dataset, memory_batches  # noqa: E402
 from ifc_ds.decoded import decode_into_memory  # noqa: E402
+from ifc_ds.dist import retain_freed_memory  # noqa: E402
 from ifc_ds.model import InstanceEncoder  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -175,6 +176,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as init_distributed has every CPU rank do
     loaded = load_dataset(f"parquet:{args.cifar}", limit=args.images)
     cells = [loaded.table[i][loaded.image_column] for i in range(args.images)]
     print(f"{args.threads} thread(s), batch {args.batch}; CIFAR-10 from {args.cifar}\n")
