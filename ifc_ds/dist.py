@@ -10,7 +10,6 @@ import datetime
 import logging
 import multiprocessing
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -165,7 +164,7 @@ def retain_freed_memory() -> bool:
         return False
     tuned = ("MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ
              or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or "malloc" in os.environ.get("LD_PRELOAD", ""))
-    if tuned or platform.libc_ver()[0] != "glibc":
+    if tuned or not _c_library_is_glibc():
         return False
     import ctypes
 
@@ -176,6 +175,13 @@ def retain_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # (mallopt answers 1 on success; setting either threshold also stops glibc adapting them)
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+def _c_library_is_glibc() -> bool:
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError):  # a platform without the name (macOS), or a C library without it (musl)
+        return False
 
 
 def is_main() -> bool:

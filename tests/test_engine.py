@@ -729,3 +729,13 @@ def test_retaining_freed_memory_leaves_a_users_malloc_settings_alone(monkeypatch
         with monkeypatch.context() as env:
             env.setenv(key, value)
             assert retain_freed_memory() is False
+    for c_library in ("musl libc", ValueError("unrecognized configuration name")):  # (what macOS raises)
+        with monkeypatch.context() as env:
+            env.setattr(os, "confstr", lambda name, answer=c_library: _answer(answer))
+            assert retain_freed_memory() is False
+
+
+def _answer(answer):
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
