@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from ifc_ds.config import load_config  # noqa: E402
 from ifc_ds.dist import KEEP_FREED_MEMORY_ENV  # noqa: E402
 
 SETTINGS = {"glibc's own (IFC_DS_KEEP_FREED_MEMORY=0)": "0", "freed memory kept (the trainer's)": "1"}
@@ -85,8 +86,9 @@ def train_py(keep: str, args) -> dict:
         proc = run([sys.executable, "-c", code, sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
                     str(REPO / "train.py"), "--config", str(REPO / "configs" / "cifar10.yaml"), *overrides], keep)
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        batch = load_config(str(Path(out) / "config.yaml")).train.batch_size  # per rank, as the run resolved it
     per_rank = statistics.median(r["images_per_sec"] for r in rows[2:]) / 2  # the first intervals: warm-up
-    return {"ms": 128 / per_rank * 1e3, "faults": None, "peak_mb": int(proc.stdout.split()[-1]) / 1024}
+    return {"ms": batch / per_rank * 1e3, "faults": None, "peak_mb": int(proc.stdout.split()[-1]) / 1024}
 
 
 def table(title: str, rounds: list[dict]) -> None:
@@ -120,7 +122,7 @@ def main():
           f"{args.rounds} rounds of {args.steps} steps per setting, alternating", rounds)
     if args.train_py:
         rounds = [{name: train_py(keep, args) for name, keep in SETTINGS.items()} for _ in range(args.train_rounds)]
-        table(f"train.py, configs/cifar10.yaml, 2 ranks x 1 thread, 128 images per rank, {args.train_steps} steps "
+        table(f"train.py, configs/cifar10.yaml, 2 ranks x 1 thread, {args.train_steps} steps "
               f"(median of its logged intervals after the first two); {args.train_rounds} rounds, alternating", rounds)
 
 
