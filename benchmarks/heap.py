@@ -27,8 +27,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # train_step.py: train.py's benchmark command
 
-from ifc_ds.config import load_config  # noqa: E402
+from train_step import logged_images_per_sec, train_command  # noqa: E402
+
 from ifc_ds.dist import KEEP_FREED_MEMORY_ENV  # noqa: E402
 
 SETTINGS = {"glibc's own (IFC_DS_KEEP_FREED_MEMORY=0)": "0", "freed memory kept (the trainer's)": "1"}
@@ -61,9 +63,9 @@ print(json.dumps({"ms": statistics.median(times) * 1e3, "faults": statistics.med
 """
 
 
-def run(cmd: list[str], keep: str, **kwargs) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **{KEEP_FREED_MEMORY_ENV: keep})
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, **kwargs)
+def run(cmd: list[str], keep: str, env=None) -> subprocess.CompletedProcess:
+    env = dict(env or os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **{KEEP_FREED_MEMORY_ENV: keep})
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -74,21 +76,19 @@ def encoder_step(keep: str, steps: int, batch: int) -> dict:
 
 
 def train_py(keep: str, args) -> dict:
-    """train.py on the CIFAR recipe in a fresh process tree: ms per step from its logged images/s, and
-    the peak resident size of its largest process (a rank)."""
+    """train.py on the CIFAR recipe (``benchmarks/train_step.py``'s command: 2 ranks x 1 thread, 128
+    images per rank, N = 10,000) in a fresh process tree: ms per step from its logged images/s, and the
+    peak resident size of its largest process (a rank)."""
+    recipe = argparse.Namespace(cifar=args.cifar, instances=10_000, batch=128, e2e_steps=args.train_steps,
+                                model="resnet18", ranks=2, threads=1)
     with tempfile.TemporaryDirectory() as out:
-        overrides = [f"data.train=parquet:{args.cifar}", "eval.train=null", f"train.max_steps={args.train_steps}",
-                     "train.log_every=5", "checkpoint.every_epochs=0", "log.progress=false",
-                     "hooks.raw_init.enabled=false", f"output_dir={out}"]
+        cmd, env = train_command(recipe, out)
         # a helper process runs the launcher, so this process's RUSAGE_CHILDREN holds that run's tree alone
         code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-        proc = run([sys.executable, "-c", code, sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                    str(REPO / "train.py"), "--config", str(REPO / "configs" / "cifar10.yaml"), *overrides], keep)
-        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-        batch = load_config(str(Path(out) / "config.yaml")).train.batch_size  # per rank, as the run resolved it
-    per_rank = statistics.median(r["images_per_sec"] for r in rows[2:]) / 2  # the first intervals: warm-up
-    return {"ms": batch / per_rank * 1e3, "faults": None, "peak_mb": int(proc.stdout.split()[-1]) / 1024}
+        proc = run([sys.executable, "-c", code, *cmd], keep, env)
+        per_rank = logged_images_per_sec(out) / recipe.ranks
+    return {"ms": recipe.batch / per_rank * 1e3, "faults": None, "peak_mb": int(proc.stdout.split()[-1]) / 1024}
 
 
 def table(title: str, rounds: list[dict]) -> None:

@@ -321,9 +321,13 @@ def end_to_end(args) -> float:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    steady = [r["images_per_sec"] for r in rows[2:]]  # the first intervals include start-up and warm-up
-    return statistics.median(steady) / args.ranks
+        return logged_images_per_sec(out) / args.ranks
+
+
+def logged_images_per_sec(out: str) -> float:
+    """The median images/s (all ranks) that a run logged in ``out/metrics.jsonl``, past its start."""
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["images_per_sec"] for r in rows[2:])  # the first intervals include start-up and warm-up
 
 
 def main():

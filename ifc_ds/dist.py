@@ -87,12 +87,13 @@ def init_distributed(timeout_s: float) -> None:
     from ifc_ds.engine import shared_memory  # (DeepSpeed's internals live behind the engine package)
 
     shared_memory.prefer_environment_ninja()  # both branches may have DeepSpeed build its op
-    if get_accelerator().device_name() == "cpu" and os.environ.get("LOCAL_SIZE") == os.environ.get("WORLD_SIZE"):
+    on_cpu = get_accelerator().device_name() == "cpu"
+    if on_cpu and os.environ.get("LOCAL_SIZE") == os.environ.get("WORLD_SIZE"):
         shared_memory.init_process_group(timeout)
     else:
         deepspeed.init_distributed(timeout=timeout)
     set_cpu_threads()
-    if get_accelerator().device_name() == "cpu":
+    if on_cpu:
         retain_freed_memory()
 
 

@@ -2,6 +2,7 @@
 and with the offload ds_config ZeRO keeps the classifier's optimizer state on the CPU."""
 
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch.distributed as dist
 
 from ifc_ds.classifier import ShardedInstanceClassifier
 from ifc_ds.config import load_config
+from ifc_ds.dist import _c_library_is_glibc, retain_freed_memory
 from ifc_ds.engine import build_engines, optimizer_step, train_step, warmup_cosine
 from ifc_ds.model import InstanceEncoder
 from tests._dist import needs_fp16, run_ranks
@@ -698,13 +700,7 @@ print(sorted(faults[3:])[3])  # the median step once settled
 """
 
 
-def _glibc() -> bool:
-    from ifc_ds.dist import _c_library_is_glibc
-
-    return _c_library_is_glibc()
-
-
-@pytest.mark.skipif(not _glibc(), reason="the kept heap is glibc's (mallopt)")
+@pytest.mark.skipif(not _c_library_is_glibc(), reason="the kept heap is glibc's (mallopt)")
 def test_a_cpu_rank_reuses_freed_memory_instead_of_faulting_it_back_in():
     """glibc trimmed what a step freed back to the kernel, and the next step faulted those pages in
     again, zeroed: 13,700 faults (54 MB) per forward + backward of timm's ResNet-18 here, mostly the
@@ -733,8 +729,6 @@ def test_a_cpu_rank_reuses_freed_memory_instead_of_faulting_it_back_in():
 
 
 def test_retaining_freed_memory_leaves_a_users_malloc_settings_alone(monkeypatch):
-    from ifc_ds.dist import retain_freed_memory
-
     for key, value in (("IFC_DS_KEEP_FREED_MEMORY", "0"), ("MALLOC_MMAP_THRESHOLD_", "131072"),
                        ("MALLOC_TRIM_THRESHOLD_", "131072"),
                        ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072"),
@@ -742,13 +736,8 @@ def test_retaining_freed_memory_leaves_a_users_malloc_settings_alone(monkeypatch
         with monkeypatch.context() as env:
             env.setenv(key, value)
             assert retain_freed_memory() is False
-    for c_library in ("musl libc", ValueError("unrecognized configuration name")):  # (what macOS raises)
+    # musl answers another name; macOS has no such configuration name
+    for confstr in (mock.Mock(return_value="musl libc"), mock.Mock(side_effect=ValueError("unrecognized"))):
         with monkeypatch.context() as env:
-            env.setattr(os, "confstr", lambda name, answer=c_library: _answer(answer))
+            env.setattr(os, "confstr", confstr)
             assert retain_freed_memory() is False
-
-
-def _answer(answer):
-    if isinstance(answer, Exception):
-        raise answer
-    return answer
